@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
+import asyncpg
 from sqlalchemy.engine import make_url
 
 from registry import migrate, repository
-from registry.database import create_engine
+from registry.database import asyncpg_dsn, create_engine
 from registry.embedded import start_embedded
 
 #: how long a child may take to answer a line
@@ -101,6 +102,22 @@ class Child:
         if self._process.returncode is None:
             self._process.kill()
             await self._process.wait()
+
+
+async def _keep_session(_connection: asyncpg.Connection) -> None:
+    """No reset on release: asyncpg's default is one more round trip per use."""
+
+
+async def raw_pool(url: str, *, min_size: int, max_size: int) -> asyncpg.Pool:
+    """The baselines' asyncpg pool, as lean as raw asyncpg gets.
+
+    asyncpg resets a connection when it goes back to its pool (``RESET ALL``, ``UNLISTEN *``
+    and more, a round trip awaited by the release); the baselines' statements change no
+    session state, so they skip it and pay only for their own SQL.
+    """
+    return await asyncpg.create_pool(
+        asyncpg_dsn(url), min_size=min_size, max_size=max_size, reset=_keep_session
+    )
 
 
 @contextlib.contextmanager

@@ -90,7 +90,15 @@ from typing import Any
 
 import asyncpg
 import sqlalchemy
-from _shared import CHILD_TIMEOUT, Child, benchmark_database, benchmark_server, say, stdin_reader
+from _shared import (
+    CHILD_TIMEOUT,
+    Child,
+    benchmark_database,
+    benchmark_server,
+    raw_pool,
+    say,
+    stdin_reader,
+)
 
 from registry import (
     RegistrySettings,
@@ -791,7 +799,7 @@ class Bench:
             lease = timedelta(seconds=registry.settings.lease_seconds)
             # as many connections as the registry's engine may open: pool_size + max_overflow
             capacity = 2 * registry.settings.pool_size
-            pool = await asyncpg.create_pool(asyncpg_dsn(self.url), min_size=1, max_size=capacity)
+            pool = await raw_pool(self.url, min_size=1, max_size=capacity)
             try:
                 resumed: list[RunHandle] = []
                 raw_rows: list[asyncpg.Record] = []
@@ -922,7 +930,7 @@ async def measure(url: str, iterations: int) -> tuple[list[Row], list[str]]:
     warmup = max(20, iterations // 10)
     registry = await RunRegistry.connect(url, worker_id=WORKER_ID)
     try:
-        pool = await asyncpg.create_pool(asyncpg_dsn(url), min_size=1, max_size=10)
+        pool = await raw_pool(url, min_size=1, max_size=10)
         try:
             bench = Bench(url, registry, pool, iterations, warmup, secrets.token_hex(4))
             print(f"measuring {iterations} iterations per operation after {warmup} warm-up ...")

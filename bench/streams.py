@@ -74,7 +74,15 @@ import asyncpg
 import redis
 import redis.asyncio
 import sqlalchemy
-from _shared import CHILD_TIMEOUT, Child, benchmark_database, benchmark_server, say, stdin_reader
+from _shared import (
+    CHILD_TIMEOUT,
+    Child,
+    benchmark_database,
+    benchmark_server,
+    raw_pool,
+    say,
+    stdin_reader,
+)
 
 from registry import RunHandle, RunRegistry, StreamSubscription
 from registry.database import asyncpg_dsn
@@ -669,7 +677,7 @@ async def measure(url: str, chunks: int, redis_url: str) -> list[Row]:
     )
     print()
     try:
-        pool = await asyncpg.create_pool(asyncpg_dsn(url), min_size=2, max_size=2)
+        pool = await raw_pool(url, min_size=2, max_size=2)
         try:
             bench = Bench(url, redis_url, registry, pool, redis_client, secrets.token_hex(4))
             rows = await bench.throughput(chunks)

@@ -210,6 +210,8 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.InterfaceError,
+    # what a connection the server already ended can raise before its EOF is read
+    asyncpg.InternalClientError,
     InterfaceError,
     OperationalError,
 )

@@ -26,6 +26,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from registry import repository
+from registry.connections import ConnectionLane
 from registry.database import (
     UNREACHABLE,
     asyncpg_dsn,
@@ -365,8 +366,9 @@ class RunRegistry:
     ) -> None:
         """Prefer :meth:`connect`, which checks the schema and starts the listener."""
         self._engine = engine
-        # single statements run without BEGIN/COMMIT: one round trip, still atomic
-        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # single statements run without BEGIN/COMMIT (one round trip, still atomic), on
+        # connections kept checked out: a pool checkout per statement costs about a round trip
+        self._lane = ConnectionLane(engine, settings.pool_size)
         self._dsn = dsn
         self.worker_id = worker_id
         self.settings = settings
@@ -462,9 +464,8 @@ class RunRegistry:
                 await self._heartbeat_task
             try:
                 # a clean shutdown: let another worker adopt these runs now, not at lease end
-                async with self._engine.connect() as connection:
+                async with self._lane.connection() as connection:
                     await repository.release_leases(connection, self.worker_id)
-                    await connection.commit()
             except Exception:
                 logger.warning("could not release leases on close", exc_info=True)
         if self._recheck_task is not None:
@@ -475,6 +476,7 @@ class RunRegistry:
             await self._listener.stop()
         for watch in list(self._watches.values()):
             watch.wake_inboxes()
+        await self._lane.close()
         await self._engine.dispose()
 
     async def __aenter__(self) -> Self:
@@ -941,24 +943,11 @@ class RunRegistry:
         return watch
 
     @contextlib.asynccontextmanager
-    async def _connection(
-        self, engine: AsyncEngine, *, begin: bool
-    ) -> AsyncIterator[AsyncConnection]:
+    async def _connection(self, *, begin: bool) -> AsyncIterator[AsyncConnection]:
         self._check_open()
         try:
-            if begin:
-                async with engine.begin() as connection:
-                    yield connection
-            else:
-                async with engine.connect() as connection:
-                    try:
-                        yield connection
-                    except UNREACHABLE:
-                        # raised by the driver itself (the lookups bypass SQLAlchemy's
-                        # execution), so tell the pool not to hand this connection out again
-                        with contextlib.suppress(Exception):
-                            await connection.invalidate()
-                        raise
+            async with self._lane.connection(transaction=begin) as connection:
+                yield connection
         except UNREACHABLE as exc:
             raise DatabaseUnavailableError(str(exc)) from exc
         except DBAPIError as exc:
@@ -968,11 +957,11 @@ class RunRegistry:
 
     def _read(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
         """A connection for one statement, without BEGIN/COMMIT round trips."""
-        return self._connection(self._autocommit, begin=False)
+        return self._connection(begin=False)
 
     def _write(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
         """A connection inside a transaction that commits when the block exits cleanly."""
-        return self._connection(self._engine, begin=True)
+        return self._connection(begin=True)
 
     async def _idempotent(self, operation: Callable[[AsyncConnection], Awaitable[_T]]) -> _T:
         """Run a statement that is safe to repeat, once more if the first connection was dead.

@@ -189,6 +189,17 @@ def _driver_statement(statement: str) -> _DriverStatement:
     return _DriverStatement(_NAMED_PARAMETER.sub(number, statement), tuple(names))
 
 
+def driver(connection: AsyncConnection) -> Any:
+    """The asyncpg connection under a checked-out SQLAlchemy connection.
+
+    Read synchronously: ``AsyncConnection.get_raw_connection()`` costs a greenlet switch.
+    """
+    fairy = connection.sync_connection.connection if connection.sync_connection else None
+    if fairy is None or fairy.driver_connection is None:
+        raise RuntimeError("the SQLAlchemy connection has no driver connection")
+    return fairy.driver_connection
+
+
 async def _driver_fetch(
     connection: AsyncConnection, statement: _DriverStatement, params: dict[str, Any]
 ) -> list[Any]:
@@ -197,10 +208,7 @@ async def _driver_fetch(
     # same single round trip without SQLAlchemy's per-statement Python work (100-400 us,
     # most of the cost of such a statement on a local server). Each is a single statement,
     # so autocommit makes it one transaction; multi-statement transactions stay in SQLAlchemy.
-    raw = await connection.get_raw_connection()
-    driver = raw.driver_connection
-    assert driver is not None
-    rows: list[Any] = await driver.fetch(statement.sql, *statement.arguments(params))
+    rows: list[Any] = await driver(connection).fetch(statement.sql, *statement.arguments(params))
     return rows
 
 

@@ -36,3 +36,14 @@ async def decisions_of_run(url: str, run_id: str) -> list[dict[str, Any]]:
         " WHERE run_id = $1 ORDER BY id",
         run_id,
     )
+
+
+async def session_pids(url: str, application_name: str) -> list[int]:
+    """Server pids of the sessions with ``application_name`` on ``url``'s database, sorted."""
+    rows = await fetch(
+        url,
+        "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
+        " AND datname = current_database() ORDER BY pid",
+        application_name,
+    )
+    return [int(row["pid"]) for row in rows]

@@ -18,6 +18,7 @@ from registry import (
 )
 from registry.database import asyncpg_dsn
 from registry.listener import LISTENER_APPLICATION_NAME
+from tests.helpers.database import session_pids
 
 
 async def _take(subscription: StreamSubscription, count: int, timeout: float = 10) -> list[int]:
@@ -208,16 +209,7 @@ async def test_thousand_subscribers_share_one_listener(
         asyncio.gather(*(_take(subscription, 3) for subscription in subscriptions)), 30
     )
     assert all(seqs == [1, 2, 3] for seqs in results)
-    connection = await asyncpg.connect(asyncpg_dsn(registry_database_url))
-    try:
-        listeners = await connection.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
-            " AND datname = current_database()",
-            LISTENER_APPLICATION_NAME,
-        )
-    finally:
-        await connection.close()
-    assert listeners == 1
+    assert len(await session_pids(registry_database_url, LISTENER_APPLICATION_NAME)) == 1
 
 
 async def test_prune_deletes_only_ended_streams(
