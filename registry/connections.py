@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 
 from sqlalchemy.exc import DBAPIError
@@ -24,8 +23,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from registry.database import UNREACHABLE, is_unavailable, sqlstate
 from registry.repository import driver
-
-logger = logging.getLogger(__name__)
 
 
 class ConnectionLane:
@@ -103,7 +100,7 @@ def _survives(exc: Exception) -> bool:
         return not is_unavailable(exc)
     # a driver failure without an answer leaves the protocol state unknown; anything else is
     # the caller's own error, raised between statements
-    return not (isinstance(exc, (*UNREACHABLE, DBAPIError)) or is_unavailable(exc))
+    return not isinstance(exc, (*UNREACHABLE, DBAPIError))
 
 
 async def _discard(connection: AsyncConnection) -> None:

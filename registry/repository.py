@@ -207,7 +207,8 @@ async def _driver_fetch(
     # stream appends and reads) run on the pooled connection's asyncpg driver directly: the
     # same single round trip without SQLAlchemy's per-statement Python work (100-400 us,
     # most of the cost of such a statement on a local server). Each is a single statement,
-    # so autocommit makes it one transaction; multi-statement transactions stay in SQLAlchemy.
+    # so autocommit makes it one transaction; inside a registry write it runs in the
+    # write's BEGIN ... COMMIT on the same connection.
     rows: list[Any] = await driver(connection).fetch(statement.sql, *statement.arguments(params))
     return rows
 
