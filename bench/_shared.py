@@ -20,7 +20,7 @@ import asyncpg
 from sqlalchemy.engine import make_url
 
 from registry import migrate, repository
-from registry.database import asyncpg_dsn, create_engine
+from registry.database import admin_connection, asyncpg_dsn
 from registry.embedded import start_embedded
 
 #: how long a child may take to answer a line
@@ -150,16 +150,12 @@ async def benchmark_database(server_url: str) -> AsyncIterator[BenchDatabase]:
     """Create ``registry_bench_<hex>`` on the server, migrate it, and drop it afterwards."""
     name = f"registry_bench_{secrets.token_hex(6)}"
     url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    admin = create_engine(server_url, pool_size=1, isolation_level="AUTOCOMMIT")
+    async with admin_connection(server_url) as connection:
+        version_num = await repository.server_version(connection)
+        await repository.create_database(connection, name)
     try:
-        async with admin.connect() as connection:
-            version_num = await repository.server_version(connection)
-            await repository.create_database(connection, name)
-        try:
-            await migrate(url)
-            yield BenchDatabase(url, name, version_num)
-        finally:
-            async with admin.connect() as connection:
-                await repository.drop_database(connection, name)
+        await migrate(url)
+        yield BenchDatabase(url, name, version_num)
     finally:
-        await admin.dispose()
+        async with admin_connection(server_url) as connection:
+            await repository.drop_database(connection, name)

@@ -56,6 +56,14 @@ ours/baseline:
    For diagnosis, the server sessions opened during each variant's drain are printed
    (``pg_stat_database.sessions``, PostgreSQL 14 and later).
 
+7. The connection path: the registry's own ``ConnectionLane`` (connections kept open and handed
+   whole from statement to statement) against asyncpg's ``Pool`` with its reset disabled, both
+   with ``PATH_SIZE`` connections and the lookup of 2 as the statement: p50/p99 of one lookup and
+   of one lookup inside ``BEGIN``/``COMMIT`` (interleaved call by call), and the time per call
+   with ``PATH_CALLERS`` concurrent callers of ``PATH_CALLS`` lookups each (median of
+   ``PATH_ROUNDS`` rounds, alternating which goes first). This is the figure that keeps the lane:
+   a library's pool would replace it if the lane were not faster.
+
 CLOCK_MONOTONIC is system-wide on Linux, so parent and child stamps compare. Each operation
 is warmed up before it is measured, and ours and the baselines alternate call by call (with
 their child processes running side by side) so that drift and noisy neighbours hit every
@@ -107,8 +115,9 @@ from registry import (
     RunRegistry,
     ToolCallDecision,
 )
+from registry.connections import ConnectionLane
 from registry.database import asyncpg_dsn
-from registry.repository import CHANNEL
+from registry.notifications import CHANNEL
 
 DEFAULT_ITERATIONS = 500
 #: seconds to wait for a child's line before calling the benchmark broken
@@ -131,6 +140,12 @@ RESUME_RUNS = 1000
 RESUME_DECISIONS = 10
 DRAIN_CONCURRENCY = 50
 RESUME_ROUNDS = 5
+
+#: connection paths: connections of the lane and of asyncpg's pool, callers at once, calls each
+PATH_SIZE = 10
+PATH_CALLERS = 100
+PATH_CALLS = 20
+PATH_ROUNDS = 5
 
 CHILD_MODES = (
     "forward-ours",
@@ -642,6 +657,67 @@ class Bench:
             await self.registry.remove_by_run_id(self.ids("lookup", index)[0])
         return timings
 
+    async def connection_paths(self) -> tuple[dict[str, Timings], dict[str, float]]:
+        """The registry's connection lane against asyncpg's own pool (reset disabled, so it
+        pays only for its own bookkeeping): one lookup, one lookup in BEGIN/COMMIT, and
+        ``PATH_CALLERS`` concurrent callers sharing ``PATH_SIZE`` connections."""
+        lane = ConnectionLane(asyncpg_dsn(self.url), PATH_SIZE)
+        pool = await raw_pool(self.url, min_size=PATH_SIZE, max_size=PATH_SIZE)
+        thread_id = self.ids("path", 0)[1]
+        try:
+
+            async def lane_statement(transaction: bool) -> None:
+                borrow = lane.transaction() if transaction else lane.autocommit()
+                async with borrow as connection:
+                    await connection.fetchrow(RAW_ACTIVE_BY_THREAD, thread_id)
+
+            async def pool_statement(transaction: bool) -> None:
+                async with pool.acquire() as connection:
+                    if transaction:
+                        async with connection.transaction():
+                            await connection.fetchrow(RAW_ACTIVE_BY_THREAD, thread_id)
+                    else:
+                        await connection.fetchrow(RAW_ACTIVE_BY_THREAD, thread_id)
+
+            def timed(statement: Callable[[bool], Awaitable[None]], transaction: bool) -> Probe:
+                async def probe(_index: int) -> int:
+                    start = time.perf_counter_ns()
+                    await statement(transaction)
+                    return time.perf_counter_ns() - start
+
+                return probe
+
+            timings = await self.interleave(
+                {
+                    "lane": timed(lane_statement, False),
+                    "pool": timed(pool_statement, False),
+                    "lane-tx": timed(lane_statement, True),
+                    "pool-tx": timed(pool_statement, True),
+                }
+            )
+
+            async def crowd(statement: Callable[[bool], Awaitable[None]]) -> float:
+                async def caller() -> None:
+                    for _ in range(PATH_CALLS):
+                        await statement(False)
+
+                start = time.perf_counter_ns()
+                await asyncio.gather(*(caller() for _ in range(PATH_CALLERS)))
+                return (time.perf_counter_ns() - start) / 1000 / (PATH_CALLERS * PATH_CALLS)
+
+            per_call: dict[str, list[float]] = {"lane": [], "pool": []}
+            for round_index in range(PATH_ROUNDS):
+                order = ["lane", "pool"] if round_index % 2 == 0 else ["pool", "lane"]
+                for name in order:
+                    per_call[name].append(
+                        await crowd(lane_statement if name == "lane" else pool_statement)
+                    )
+            crowded = {name: statistics.median(values) for name, values in per_call.items()}
+            return timings, crowded
+        finally:
+            await lane.close()
+            await pool.close()
+
     async def forward(self) -> dict[str, Timings]:
         """Forward one decision at a time to a child; all three children run side by side."""
         ours_run, ours_thread = self.ids("forward-ours", 0)
@@ -947,6 +1023,32 @@ async def measure(url: str, iterations: int) -> tuple[list[Row], list[str]]:
             rows += latency_rows("handle_by_thread", lookup["ours"], lookup["raw"], 1.5)
             rows.append(
                 Row("handle_by_thread", "mean", lookup["ours"].mean, lookup["raw"].mean, 1.5)
+            )
+
+            gc.collect()
+            paths, crowded = await bench.connection_paths()
+            pool_note = "(asyncpg Pool)"
+            rows += [
+                dataclasses.replace(row, baseline_note=pool_note)
+                for row in latency_rows(
+                    "connection lane, 1 lookup", paths["lane"], paths["pool"], None
+                )
+                + latency_rows(
+                    "connection lane, lookup in BEGIN/COMMIT",
+                    paths["lane-tx"],
+                    paths["pool-tx"],
+                    None,
+                )
+            ]
+            rows.append(
+                Row(
+                    f"connection lane, {PATH_CALLERS} callers, {PATH_SIZE} connections",
+                    f"per call, median of {PATH_ROUNDS}",
+                    crowded["lane"],
+                    crowded["pool"],
+                    rate=True,
+                    baseline_note=pool_note,
+                )
             )
 
             gc.collect()

@@ -4,7 +4,6 @@ Runs and their pending tool-call decisions are rows; LISTEN/NOTIFY wakes whichev
 holds a run or waits on it. Start with :meth:`RunRegistry.connect` after :func:`migrate`.
 """
 
-from registry.database import downgrade, migrate
 from registry.errors import (
     DatabaseUnavailableError,
     InvalidInputError,
@@ -15,6 +14,8 @@ from registry.errors import (
     StreamClosedError,
     TooManyDecisionsError,
 )
+from registry.handle import RunCancellationToken, RunHandle
+from registry.inbox import DecisionInbox
 from registry.locate import resolve_database_url
 from registry.models import (
     DecisionDelivery,
@@ -26,13 +27,9 @@ from registry.models import (
     StreamChunk,
     ToolCallDecision,
 )
-from registry.registry import (
-    DecisionInbox,
-    RegistrySettings,
-    RunCancellationToken,
-    RunHandle,
-    RunRegistry,
-)
+from registry.registry import RunRegistry
+from registry.schema import downgrade, migrate
+from registry.settings import RegistrySettings
 from registry.streams import StreamSubscription
 
 __all__ = [

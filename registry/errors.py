@@ -16,13 +16,19 @@ class RegistryError(Exception):
 
 
 class InvalidInputError(RegistryError, ValueError):
-    """An argument is not acceptable; nothing was written."""
+    """An argument is not acceptable; nothing was written.
+
+    ``field`` names the argument (``decisions[2].result``), ``reason`` says what is wrong
+    with it; ``str(error)`` is ``"<field>: <reason>"``.
+    """
 
     field: str
+    reason: str
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, reason: str) -> None:
         self.field = field
-        super().__init__(f"{field}: {message}")
+        self.reason = reason
+        super().__init__(f"{field}: {reason}")
 
 
 class TooManyDecisionsError(InvalidInputError):

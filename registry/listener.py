@@ -14,65 +14,22 @@ transaction-pooling proxy (pgbouncer ``pool_mode=transaction``) does not keep LI
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import enum
-import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import asyncpg
 
-from registry.repository import CHANNEL, HEALTH_PROBE
+from registry.notifications import CHANNEL, Notification, parse
 
 logger = logging.getLogger(__name__)
 
 #: ``application_name`` of the LISTEN connection, to find it in ``pg_stat_activity``.
 LISTENER_APPLICATION_NAME = "registry-listener"
 
-
-class NotificationKind(enum.StrEnum):
-    """What a wake-up is about. The id in the payload names the run."""
-
-    DECISION = "decision"
-    CANCEL = "cancel"
-    SUPERSEDED = "superseded"
-    ENDED = "ended"
-    CHUNK = "chunk"
-
-
-@dataclass(frozen=True, slots=True)
-class Notification:
-    """A parsed wake-up: ``kind`` happened to the run ``id``.
-
-    For ``chunk``, ``seq`` is the newest sequence number published, and ``data`` is that
-    chunk's bytes when it was small enough to travel inline; everything else is read from the
-    tables.
-    """
-
-    kind: NotificationKind
-    id: str
-    seq: int | None = None
-    data: bytes | None = None
-
-
-def parse_payload(payload: str) -> Notification | None:
-    """Parse ``{"kind", "id"[, "seq", "data"]}``; ``None`` for anything else (logged)."""
-    try:
-        fields = json.loads(payload)
-        seq = fields.get("seq")
-        data = fields.get("data")
-        return Notification(
-            NotificationKind(fields["kind"]),
-            str(fields["id"]),
-            None if seq is None else int(seq),
-            None if data is None else base64.b64decode(data, validate=True),
-        )
-    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
-        logger.debug("ignoring notification payload %r", payload[:200])
-        return None
+#: A round trip on the LISTEN connection that a half-open socket cannot complete.
+HealthProbe = Callable[[Any], Awaitable[object]]
 
 
 class Listener:
@@ -87,6 +44,7 @@ class Listener:
         on_notification: Callable[[Notification], None],
         on_reconnect: Callable[[], None],
         *,
+        probe: HealthProbe,
         health_interval: float = 2.0,
         connect_timeout: float = 5.0,
         max_backoff: float = 5.0,
@@ -94,6 +52,7 @@ class Listener:
         self._dsn = dsn
         self._on_notification = on_notification
         self._on_reconnect = on_reconnect
+        self._probe = probe
         self._health_interval = health_interval
         self._connect_timeout = connect_timeout
         self._max_backoff = max_backoff
@@ -164,8 +123,10 @@ class Listener:
             connection.terminate()
 
     def _deliver(self, _connection: object, _pid: int, _channel: str, payload: object) -> None:
-        notification = parse_payload(str(payload))
-        if notification is not None:
+        notification = parse(str(payload))
+        if notification is None:
+            logger.debug("ignoring notification payload %r", str(payload)[:200])
+        else:
             self._on_notification(notification)
 
     def _terminated(self, _connection: object) -> None:
@@ -177,7 +138,7 @@ class Listener:
         if connection is None or connection.is_closed():
             return False
         try:
-            await asyncio.wait_for(connection.fetchval(HEALTH_PROBE), self._health_interval)
+            await asyncio.wait_for(self._probe(connection), self._health_interval)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
             return False
         return True

@@ -25,12 +25,13 @@ from pathlib import Path
 
 import platformdirs
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.exc import ArgumentError
 
 from registry import repository
-from registry.database import async_url, create_engine, migrate, sqlstate
+from registry.database import admin_connection, async_url, sqlstate
 from registry.embedded import embedded_status, start_embedded
 from registry.errors import InvalidInputError
+from registry.schema import migrate
 
 #: The environment variable that names the database when no URL is given.
 DATABASE_URL_VARIABLE = "REGISTRY_DATABASE_URL"
@@ -134,18 +135,15 @@ async def ensure_embedded(data_dir: Path | None = None) -> DatabaseLocation:
 
 
 async def _create_database(admin_url: str, name: str) -> None:
-    engine = create_engine(admin_url, pool_size=1, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as connection:
-            if await repository.database_exists(connection, name):
-                return
-            try:
-                await repository.create_database(connection, name)
-            except DBAPIError as exc:
-                if sqlstate(exc) not in _DUPLICATE_DATABASE:
-                    raise
-    finally:
-        await engine.dispose()
+    async with admin_connection(admin_url) as connection:
+        if await repository.database_exists(connection, name):
+            return
+        try:
+            await repository.create_database(connection, name)
+        except Exception as exc:
+            # another process created it between the check and here
+            if sqlstate(exc) not in _DUPLICATE_DATABASE:
+                raise
 
 
 def _checked(url: str, field: str) -> str:
@@ -155,5 +153,5 @@ def _checked(url: str, field: str) -> str:
     try:
         async_url(url)
     except InvalidInputError as exc:
-        raise InvalidInputError(field, str(exc).removeprefix("url: ")) from exc
+        raise InvalidInputError(field, exc.reason) from exc
     return url

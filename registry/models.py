@@ -1,18 +1,22 @@
-"""Pure domain types: decisions, run records, deliveries. No SQL here."""
+"""Pure domain types (decisions, run records, deliveries, chunks) and argument validation.
+
+No SQL and no I/O here. Every check raises :class:`InvalidInputError` naming the argument, so
+a bad call is refused before anything is written.
+"""
 
 from __future__ import annotations
 
 import enum
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError, field_validator
 
-from registry.errors import InvalidInputError
+from registry.errors import InvalidInputError, TooManyDecisionsError
 
 #: Longest id (run, thread, agent, target, decision) the registry stores.
 MAX_ID_LENGTH = 255
@@ -186,7 +190,7 @@ class ToolCallDecision(BaseModel):
         try:
             _check_json("result", value)
         except InvalidInputError as exc:
-            raise ValueError(str(exc).removeprefix("result: ")) from None
+            raise ValueError(exc.reason) from None
         return value
 
     @field_validator("updated_at")
@@ -261,7 +265,7 @@ class ToolCallDecision(BaseModel):
             try:
                 return cls.model_validate(dict(value))
             except InvalidInputError as exc:
-                raise InvalidInputError(f"{field}.{exc.field}", str(exc).split(": ", 1)[1]) from exc
+                raise InvalidInputError(f"{field}.{exc.field}", exc.reason) from exc
         raise InvalidInputError(field, f"expected a ToolCallDecision, got {type(value).__name__}")
 
 
@@ -270,7 +274,7 @@ def _plain(check: Any, *args: Any, **kwargs: Any) -> str:
     try:
         result: str = check(*args, **kwargs)
     except InvalidInputError as exc:
-        raise ValueError(str(exc).split(": ", 1)[1]) from None
+        raise ValueError(exc.reason) from None
     return result
 
 
@@ -300,10 +304,13 @@ class RunRecord:
     @property
     def is_cancelled(self) -> bool:
         """Whether the run was asked to stop: cancelled, superseded, or a cancel is pending."""
-        return self.cancel_requested_at is not None or self.status in (
-            RunStatus.CANCELLED,
-            RunStatus.SUPERSEDED,
-        )
+        return is_cancelled(self.status, cancel_requested=self.cancel_requested_at is not None)
+
+
+def is_cancelled(status: RunStatus, *, cancel_requested: bool) -> bool:
+    """The one rule for a tripped cancellation token: a cancel was requested, or the run
+    ended cancelled or superseded (the seed trips the token on both)."""
+    return cancel_requested or status in (RunStatus.CANCELLED, RunStatus.SUPERSEDED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,3 +334,71 @@ class StreamChunk:
 
     seq: int
     data: bytes
+
+
+# --- argument checks shared by the public calls ------------------------------------------------
+
+
+def check_decision_batch(
+    decisions: object, *, limit: int, max_result_bytes: int
+) -> tuple[list[ToolCallDecision], list[str]]:
+    """Validate a forward's decisions; return them with each ``result`` encoded once, as stored.
+
+    Raises :class:`TooManyDecisionsError` past ``limit`` decisions and
+    :class:`InvalidInputError` naming ``decisions[i]...`` for anything else.
+    """
+    if isinstance(decisions, str | bytes | Mapping) or not isinstance(decisions, Iterable):
+        raise InvalidInputError("decisions", "expected a sequence of decisions")
+    batch = list(decisions)
+    if len(batch) > limit:
+        raise TooManyDecisionsError(len(batch), limit)
+    checked = [
+        ToolCallDecision.coerce(f"decisions[{index}]", item) for index, item in enumerate(batch)
+    ]
+    results = [
+        json.dumps(decision.result, ensure_ascii=False, separators=(",", ":"))
+        for decision in checked
+    ]
+    for index, result in enumerate(results):
+        size = len(result.encode())
+        if size > max_result_bytes:
+            raise InvalidInputError(
+                f"decisions[{index}].result",
+                f"is {size} bytes of JSON; the limit is {max_result_bytes}",
+            )
+    return checked, results
+
+
+def check_chunks(chunks: object, *, max_chunk_bytes: int) -> list[bytes]:
+    """Validate chunks to publish: a sequence of bytes-like objects of at most
+    ``max_chunk_bytes`` each; return them as ``bytes``."""
+    if isinstance(chunks, bytes | bytearray | memoryview | str) or not isinstance(chunks, Iterable):
+        raise InvalidInputError("chunks", "expected a sequence of bytes objects")
+    batch: list[bytes] = []
+    for index, chunk in enumerate(chunks):
+        if not isinstance(chunk, bytes | bytearray | memoryview):
+            raise InvalidInputError(
+                f"chunks[{index}]", f"expected bytes, got {type(chunk).__name__}"
+            )
+        data = bytes(chunk)
+        if len(data) > max_chunk_bytes:
+            raise InvalidInputError(
+                f"chunks[{index}]", f"is {len(data)} bytes; the limit is {max_chunk_bytes}"
+            )
+        batch.append(data)
+    return batch
+
+
+def check_count(field: str, value: object, *, minimum: int) -> int:
+    """Validate an integer argument of at least ``minimum`` (``bool`` is refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
+        raise InvalidInputError(field, f"must be {what}")
+    return value
+
+
+def check_after_seq(value: object) -> int | None:
+    """Validate a subscription's starting point: ``None`` or a non-negative integer."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise InvalidInputError("after_seq", "must be a non-negative integer or None")
+    return value

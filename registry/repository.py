@@ -1,8 +1,13 @@
 """Every SQL statement of the registry, each next to the function that runs it.
 
-Functions take an open connection and never commit: the caller owns the transaction, so one
-public registry call is one transaction. All values travel as bind parameters; the notification
-channel is a constant, and notification payloads carry only a kind and an id.
+One way to run a statement: plain ``$n`` SQL on an asyncpg connection. Functions never commit:
+the caller owns the transaction (``connections.Connections.transaction()``), or runs a single
+statement in autocommit, which PostgreSQL makes one transaction. All values travel as bind
+parameters, the notification kinds included; the only SQL text composed at run time is a
+column list or a database name we generated, quoted after a strict check.
+
+Notifications are sent with ``pg_notify`` inside the statement that makes the change, so they
+go out exactly when it commits. Their payloads follow ``registry.notifications``.
 """
 
 from __future__ import annotations
@@ -14,10 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import TextClause, text
-from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncConnection
-
+from registry.database import DriverConnection, Row
 from registry.errors import InvalidInputError
 from registry.models import (
     DecisionDelivery,
@@ -28,12 +30,7 @@ from registry.models import (
     StreamChunk,
     ToolCallDecision,
 )
-
-#: The one notification channel; the version lets a future payload format run side by side.
-CHANNEL = "registry_v1"
-
-#: The listener's health probe: a round trip that a half-open connection cannot complete.
-HEALTH_PROBE = "SELECT 1"
+from registry.notifications import CHANNEL, NotificationKind, RunChanged, encode
 
 #: Advisory lock key that serialises concurrent ``migrate`` calls ("registry" in ASCII).
 MIGRATION_LOCK_KEY = 0x7265676973747279
@@ -44,13 +41,7 @@ _RUN_COLUMNS = (
 )
 
 
-def _sql(statement: str) -> TextClause:
-    return text(statement)
-
-
-def _run_record(result_row: Any) -> RunRecord:
-    # a SQLAlchemy Row or an asyncpg Record
-    row = result_row._mapping if isinstance(result_row, Row) else result_row
+def _run_record(row: Row) -> RunRecord:
     return RunRecord(
         run_id=row["run_id"],
         thread_id=row["thread_id"],
@@ -65,66 +56,55 @@ def _run_record(result_row: Any) -> RunRecord:
     )
 
 
-_LOCK_MIGRATIONS = _sql("SELECT pg_advisory_xact_lock(:key)")
+_LOCK_MIGRATIONS = "SELECT pg_advisory_xact_lock($1)"
 
 
-async def lock_migrations(connection: AsyncConnection) -> None:
+async def lock_migrations(connection: DriverConnection) -> None:
     """Serialise schema migrations across processes until the transaction ends."""
-    await connection.execute(_LOCK_MIGRATIONS, {"key": MIGRATION_LOCK_KEY})
+    await connection.execute(_LOCK_MIGRATIONS, MIGRATION_LOCK_KEY)
 
 
 # --- runs ------------------------------------------------------------------------------------
 
-_LOCK_THREAD = _sql("SELECT pg_advisory_xact_lock(hashtextextended(:thread_id, 0))")
+_LOCK_THREAD = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
 
 
-async def lock_thread(connection: AsyncConnection, thread_id: str) -> None:
+async def lock_thread(connection: DriverConnection, thread_id: str) -> None:
     """Serialise registrations on one thread until the transaction ends.
 
     Without it, two registers on a fresh thread both see no active run and one of them fails
     on the unique index; with it, the second waits and then supersedes the first.
     """
-    await connection.execute(_LOCK_THREAD, {"thread_id": thread_id})
+    await connection.execute(_LOCK_THREAD, thread_id)
 
 
-_SUPERSEDE_ACTIVE = _sql(
-    """
+_SUPERSEDE_ACTIVE = """
     UPDATE runs
-       SET status = 'superseded', superseded_by = :new_run_id, end_reason = :reason,
+       SET status = 'superseded', superseded_by = $2, end_reason = $3,
            ended_at = now(), updated_at = now(), lease_expires_at = NULL
-     WHERE thread_id = :thread_id AND status = 'active'
+     WHERE thread_id = $1 AND status = 'active'
     RETURNING run_id
-    """
-)
+"""
 
 
 async def supersede_active_run(
-    connection: AsyncConnection, thread_id: str, new_run_id: str
+    connection: DriverConnection, thread_id: str, new_run_id: str
 ) -> str | None:
     """Mark the thread's active run superseded by ``new_run_id``; return its id, if any."""
-    result = await connection.execute(
-        _SUPERSEDE_ACTIVE,
-        {
-            "thread_id": thread_id,
-            "new_run_id": new_run_id,
-            "reason": f"superseded by run {new_run_id}",
-        },
-    )
-    old: str | None = result.scalar_one_or_none()
+    reason = f"superseded by run {new_run_id}"
+    old: str | None = await connection.fetchval(_SUPERSEDE_ACTIVE, thread_id, new_run_id, reason)
     return old
 
 
-_INSERT_RUN = _sql(
-    f"""
+_INSERT_RUN = f"""
     INSERT INTO runs (run_id, thread_id, agent_id, owner_id, lease_expires_at)
-    VALUES (:run_id, :thread_id, :agent_id, :owner_id, now() + CAST(:lease AS interval))
+    VALUES ($1, $2, $3, $4, now() + $5::interval)
     RETURNING {_RUN_COLUMNS}
-    """
-)
+"""
 
 
 async def insert_run(
-    connection: AsyncConnection,
+    connection: DriverConnection,
     *,
     run_id: str,
     thread_id: str,
@@ -133,127 +113,51 @@ async def insert_run(
     lease: timedelta,
 ) -> RunRecord:
     """Insert an active run owned by ``owner_id``; the primary key refuses a reused run id."""
-    result = await connection.execute(
-        _INSERT_RUN,
-        {
-            "run_id": run_id,
-            "thread_id": thread_id,
-            "agent_id": agent_id,
-            "owner_id": owner_id,
-            "lease": lease,
-        },
-    )
-    return _run_record(result.one())
+    row = await connection.fetchrow(_INSERT_RUN, run_id, thread_id, agent_id, owner_id, lease)
+    assert row is not None  # INSERT ... RETURNING of one row
+    return _run_record(row)
 
 
-_END_RUN = _sql(
-    """
+_END_RUN = """
     UPDATE runs
        SET status = CASE WHEN cancel_requested_at IS NULL THEN 'completed' ELSE 'cancelled' END,
            end_reason = CASE WHEN cancel_requested_at IS NULL THEN 'removed' ELSE 'cancelled' END,
            ended_at = now(), updated_at = now(), lease_expires_at = NULL
-     WHERE run_id = :run_id AND status = 'active'
+     WHERE run_id = $1 AND status = 'active'
     RETURNING run_id
-    """
-)
+"""
 
 
-async def end_run(connection: AsyncConnection, run_id: str) -> bool:
+async def end_run(connection: DriverConnection, run_id: str) -> bool:
     """Finish an active run: ``cancelled`` if a cancel was requested, else ``completed``."""
-    result = await connection.execute(_END_RUN, {"run_id": run_id})
-    return result.first() is not None
+    return await connection.fetchval(_END_RUN, run_id) is not None
 
 
-_NAMED_PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
+_ACTIVE_BY_THREAD = f"SELECT {_RUN_COLUMNS} FROM runs WHERE thread_id = $1 AND status = 'active'"
 
 
-@dataclass(frozen=True, slots=True)
-class _DriverStatement:
-    """A statement for the driver itself: ``:name`` parameters turned into ``$n``."""
-
-    sql: str
-    names: tuple[str, ...]
-
-    def arguments(self, params: dict[str, Any]) -> list[Any]:
-        return [params[name] for name in self.names]
-
-
-def _driver_statement(statement: str) -> _DriverStatement:
-    names: list[str] = []
-
-    def number(match: re.Match[str]) -> str:
-        if match.group(1) not in names:
-            names.append(match.group(1))
-        return f"${names.index(match.group(1)) + 1}"
-
-    return _DriverStatement(_NAMED_PARAMETER.sub(number, statement), tuple(names))
-
-
-def driver(connection: AsyncConnection) -> Any:
-    """The asyncpg connection under a checked-out SQLAlchemy connection.
-
-    Read synchronously: ``AsyncConnection.get_raw_connection()`` costs a greenlet switch.
-    """
-    fairy = connection.sync_connection.connection if connection.sync_connection else None
-    if fairy is None or fairy.driver_connection is None:
-        raise RuntimeError("the SQLAlchemy connection has no driver connection")
-    return fairy.driver_connection
-
-
-async def _driver_fetch(
-    connection: AsyncConnection, statement: _DriverStatement, params: dict[str, Any]
-) -> list[Any]:
-    # The statements on every request's path (lookups, forwards, cancels, claims, acks,
-    # stream appends and reads) run on the pooled connection's asyncpg driver directly: the
-    # same single round trip without SQLAlchemy's per-statement Python work (100-400 us,
-    # most of the cost of such a statement on a local server). Each is a single statement,
-    # so autocommit makes it one transaction; inside a registry write it runs in the
-    # write's BEGIN ... COMMIT on the same connection.
-    rows: list[Any] = await driver(connection).fetch(statement.sql, *statement.arguments(params))
-    return rows
-
-
-async def _driver_fetchrow(
-    connection: AsyncConnection, statement: _DriverStatement, params: dict[str, Any]
-) -> Any:
-    rows = await _driver_fetch(connection, statement, params)
-    return rows[0] if rows else None
-
-
-_ACTIVE_BY_THREAD = _driver_statement(
-    f"SELECT {_RUN_COLUMNS} FROM runs WHERE thread_id = :thread_id AND status = 'active'"
-)
-
-
-async def active_run_by_thread(connection: AsyncConnection, thread_id: str) -> RunRecord | None:
+async def active_run_by_thread(connection: DriverConnection, thread_id: str) -> RunRecord | None:
     """The thread's active run, if any."""
-    row = await _driver_fetchrow(connection, _ACTIVE_BY_THREAD, {"thread_id": thread_id})
+    row = await connection.fetchrow(_ACTIVE_BY_THREAD, thread_id)
     return None if row is None else _run_record(row)
 
 
-_ACTIVE_BY_RUN_ID = _driver_statement(
-    f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = :run_id AND status = 'active'"
-)
+_ACTIVE_BY_RUN_ID = f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = $1 AND status = 'active'"
 
 
-async def active_run_by_id(connection: AsyncConnection, run_id: str) -> RunRecord | None:
+async def active_run_by_id(connection: DriverConnection, run_id: str) -> RunRecord | None:
     """The run ``run_id`` if it is active."""
-    row = await _driver_fetchrow(connection, _ACTIVE_BY_RUN_ID, {"run_id": run_id})
+    row = await connection.fetchrow(_ACTIVE_BY_RUN_ID, run_id)
     return None if row is None else _run_record(row)
 
 
-_RUN_BY_ID = _sql(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = :run_id")
+_RUN_BY_ID = f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = $1"
 
 
-async def run_by_id(connection: AsyncConnection, run_id: str) -> RunRecord | None:
+async def run_by_id(connection: DriverConnection, run_id: str) -> RunRecord | None:
     """The run ``run_id`` in any status."""
-    row = (await connection.execute(_RUN_BY_ID, {"run_id": run_id})).first()
+    row = await connection.fetchrow(_RUN_BY_ID, run_id)
     return None if row is None else _run_record(row)
-
-
-_RUN_STATES = _sql(
-    "SELECT run_id, status, cancel_requested_at, stream_seq FROM runs WHERE run_id = ANY(:run_ids)"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,265 +171,243 @@ class RunState:
     stream_seq: int | None
 
 
-def _run_state(row: Row[Any]) -> RunState:
+def _run_state(row: Row) -> RunState:
     return RunState(
-        row.run_id, RunStatus(row.status), row.cancel_requested_at is not None, row.stream_seq
+        row["run_id"],
+        RunStatus(row["status"]),
+        row["cancel_requested_at"] is not None,
+        row["stream_seq"],
     )
 
 
-async def run_states(connection: AsyncConnection, run_ids: Sequence[str]) -> list[RunState]:
-    """State of many runs in one round trip (the safety-net re-check)."""
-    result = await connection.execute(_RUN_STATES, {"run_ids": list(run_ids)})
-    return [_run_state(row) for row in result]
+_RUN_STATES = """
+    SELECT run_id, status, cancel_requested_at, stream_seq FROM runs WHERE run_id = ANY($1::text[])
+"""
 
 
-_CANCEL_BY_ID = _driver_statement(
-    """
+async def run_states(connection: DriverConnection, run_ids: Sequence[str]) -> list[RunState]:
+    """State of many runs in one round trip (the safety-net re-check); missing runs are absent."""
+    return [_run_state(row) for row in await connection.fetch(_RUN_STATES, list(run_ids))]
+
+
+_STREAM_STATE = "SELECT run_id, status, cancel_requested_at, stream_seq FROM runs WHERE run_id = $1"
+
+
+async def stream_state(connection: DriverConnection, run_id: str) -> RunState | None:
+    """The run's state including its stream position, in any status."""
+    row = await connection.fetchrow(_STREAM_STATE, run_id)
+    return None if row is None else _run_state(row)
+
+
+_CANCEL_BY_ID = """
     WITH cancelled AS (
         UPDATE runs
            SET cancel_requested_at = coalesce(cancel_requested_at, now()), updated_at = now()
-         WHERE run_id = :run_id AND status = 'active'
+         WHERE run_id = $1 AND status = 'active'
         RETURNING run_id
     )
-    SELECT run_id,
-           pg_notify(:channel, json_build_object('kind', 'cancel', 'id', run_id)::text)
-      FROM cancelled
-    """
-)
+    SELECT run_id, pg_notify($2, $3) FROM cancelled
+"""
 
 
-async def request_cancel_by_id(connection: AsyncConnection, run_id: str) -> str | None:
+async def request_cancel_by_id(connection: DriverConnection, run_id: str) -> str | None:
     """Record a cancel request on the active run ``run_id`` and notify; return its id.
 
     The first request's time is kept; repeating it is harmless and notifies again.
     """
-    params = {"run_id": run_id, "channel": CHANNEL}
-    row = await _driver_fetchrow(connection, _CANCEL_BY_ID, params)
+    payload = encode(RunChanged(NotificationKind.CANCEL, run_id))
+    row = await connection.fetchrow(_CANCEL_BY_ID, run_id, CHANNEL, payload)
     return None if row is None else str(row["run_id"])
 
 
-_CANCEL_BY_THREAD = _driver_statement(
-    """
+_CANCEL_BY_THREAD = """
     WITH cancelled AS (
         UPDATE runs
            SET cancel_requested_at = coalesce(cancel_requested_at, now()), updated_at = now()
-         WHERE thread_id = :thread_id AND status = 'active'
-           AND (CAST(:agent_id AS text) IS NULL OR agent_id = :agent_id)
+         WHERE thread_id = $1 AND status = 'active' AND ($2::text IS NULL OR agent_id = $2::text)
         RETURNING run_id
     )
-    SELECT run_id,
-           pg_notify(:channel, json_build_object('kind', 'cancel', 'id', run_id)::text)
+    SELECT run_id, pg_notify($3, json_build_object('kind', $4::text, 'id', run_id)::text)
       FROM cancelled
-    """
-)
+"""
 
 
 async def request_cancel_by_thread(
-    connection: AsyncConnection, thread_id: str, agent_id: str | None = None
+    connection: DriverConnection, thread_id: str, agent_id: str | None = None
 ) -> str | None:
     """Record a cancel request on the thread's active run and notify; return the run's id.
 
     With ``agent_id``, only if that agent owns the run.
     """
-    params = {"thread_id": thread_id, "agent_id": agent_id, "channel": CHANNEL}
-    row = await _driver_fetchrow(connection, _CANCEL_BY_THREAD, params)
+    row = await connection.fetchrow(
+        _CANCEL_BY_THREAD, thread_id, agent_id, CHANNEL, NotificationKind.CANCEL.value
+    )
     return None if row is None else str(row["run_id"])
 
 
 # --- ownership and recovery -------------------------------------------------------------------
 
-_RENEW_LEASES = _sql(
-    """
-    UPDATE runs SET lease_expires_at = now() + CAST(:lease AS interval)
-     WHERE owner_id = :owner_id AND status = 'active'
+_RENEW_LEASES = """
+    UPDATE runs SET lease_expires_at = now() + $2::interval
+     WHERE owner_id = $1 AND status = 'active'
     RETURNING run_id
-    """
-)
+"""
 
 
-async def renew_leases(connection: AsyncConnection, owner_id: str, lease: timedelta) -> set[str]:
+async def renew_leases(connection: DriverConnection, owner_id: str, lease: timedelta) -> set[str]:
     """Extend the lease of every active run ``owner_id`` holds, in one statement."""
-    result = await connection.execute(_RENEW_LEASES, {"owner_id": owner_id, "lease": lease})
-    return {row.run_id for row in result}
+    return {row["run_id"] for row in await connection.fetch(_RENEW_LEASES, owner_id, lease)}
 
 
-_RELEASE_LEASES = _sql(
-    """
-    UPDATE runs SET lease_expires_at = now()
-     WHERE owner_id = :owner_id AND status = 'active'
-    """
-)
+_RELEASE_LEASES = """
+    UPDATE runs SET lease_expires_at = now() WHERE owner_id = $1 AND status = 'active'
+"""
 
 
-async def release_leases(connection: AsyncConnection, owner_id: str) -> None:
+async def release_leases(connection: DriverConnection, owner_id: str) -> None:
     """Let the runs of a worker that shuts down cleanly be adopted at once."""
-    await connection.execute(_RELEASE_LEASES, {"owner_id": owner_id})
+    await connection.execute(_RELEASE_LEASES, owner_id)
 
 
-_RESUME_OWNED = _sql(
-    f"""
-    UPDATE runs SET lease_expires_at = now() + CAST(:lease AS interval), updated_at = now()
-     WHERE owner_id = :owner_id AND status = 'active'
+_RESUME_OWNED = f"""
+    UPDATE runs SET lease_expires_at = now() + $2::interval, updated_at = now()
+     WHERE owner_id = $1 AND status = 'active'
     RETURNING {_RUN_COLUMNS}
-    """
-)
+"""
 
 
 async def resume_owned(
-    connection: AsyncConnection, owner_id: str, lease: timedelta
+    connection: DriverConnection, owner_id: str, lease: timedelta
 ) -> list[RunRecord]:
     """Renew and return the active runs ``owner_id`` holds, oldest first."""
-    result = await connection.execute(_RESUME_OWNED, {"owner_id": owner_id, "lease": lease})
-    return sorted((_run_record(row) for row in result), key=lambda run: run.created_at)
+    rows = await connection.fetch(_RESUME_OWNED, owner_id, lease)
+    return sorted((_run_record(row) for row in rows), key=lambda run: run.created_at)
 
 
-_ADOPT_ORPHANS = _sql(
-    f"""
-    UPDATE runs SET owner_id = :owner_id, updated_at = now(),
-                    lease_expires_at = now() + CAST(:lease AS interval)
+_ADOPT_ORPHANS = f"""
+    UPDATE runs SET owner_id = $1, updated_at = now(), lease_expires_at = now() + $2::interval
      WHERE run_id IN (
             SELECT run_id FROM runs
              WHERE status = 'active'
                AND (lease_expires_at IS NULL OR lease_expires_at < now())
              ORDER BY lease_expires_at NULLS FIRST, created_at
-             LIMIT :limit
+             LIMIT $3
                FOR UPDATE SKIP LOCKED
            )
        -- re-checked on the locked row: a run adopted meanwhile has a fresh lease
        AND (lease_expires_at IS NULL OR lease_expires_at < now())
     RETURNING {_RUN_COLUMNS}
-    """
-)
+"""
 
 
 async def adopt_orphans(
-    connection: AsyncConnection, owner_id: str, lease: timedelta, limit: int
+    connection: DriverConnection, owner_id: str, lease: timedelta, limit: int
 ) -> list[RunRecord]:
     """Claim up to ``limit`` active runs whose lease expired; never one claimed by another.
 
     ``SKIP LOCKED`` lets concurrent adopters take disjoint runs without waiting.
     """
-    result = await connection.execute(
-        _ADOPT_ORPHANS, {"owner_id": owner_id, "lease": lease, "limit": limit}
-    )
-    return sorted((_run_record(row) for row in result), key=lambda run: run.created_at)
+    rows = await connection.fetch(_ADOPT_ORPHANS, owner_id, lease, limit)
+    return sorted((_run_record(row) for row in rows), key=lambda run: run.created_at)
 
 
-_SWEEP_CANCELLED_ORPHANS = _sql(
-    """
+_SWEEP_CANCELLED_ORPHANS = """
     WITH swept AS (
         UPDATE runs
            SET status = 'cancelled', end_reason = 'cancelled while its owner was gone',
                ended_at = now(), updated_at = now()
          WHERE status = 'active' AND cancel_requested_at IS NOT NULL
-           AND lease_expires_at < now() - CAST(:grace AS interval)
+           AND lease_expires_at < now() - $1::interval
         RETURNING run_id
     ), notified AS (
-        SELECT pg_notify(:channel, json_build_object('kind', 'ended', 'id', run_id)::text)
-          FROM swept
+        SELECT pg_notify($2, json_build_object('kind', $3::text, 'id', run_id)::text) FROM swept
     )
     SELECT run_id, (SELECT count(*) FROM notified) AS notified FROM swept
-    """
-)
+"""
 
 
-async def sweep_cancelled_orphans(connection: AsyncConnection, grace: timedelta) -> list[str]:
+async def sweep_cancelled_orphans(connection: DriverConnection, grace: timedelta) -> list[str]:
     """Finish as ``cancelled`` the runs whose cancel is pending and whose lease expired more
     than ``grace`` ago (nobody adopted them); return their ids. Their decisions are dropped
     by the caller in a following statement.
     """
-    result = await connection.execute(
-        _SWEEP_CANCELLED_ORPHANS, {"grace": grace, "channel": CHANNEL}
+    rows = await connection.fetch(
+        _SWEEP_CANCELLED_ORPHANS, grace, CHANNEL, NotificationKind.ENDED.value
     )
-    return [row.run_id for row in result]
+    return [row["run_id"] for row in rows]
 
 
 # --- decisions -------------------------------------------------------------------------------
 
-_DROP_OPEN_DECISIONS = _sql(
-    """
-    UPDATE decisions
-       SET status = 'dropped', drop_reason = :reason, dropped_at = now()
-     WHERE run_id = :run_id AND status IN ('pending', 'delivered')
-    """
-)
+_DROP_OPEN_DECISIONS = """
+    UPDATE decisions SET status = 'dropped', drop_reason = $2, dropped_at = now()
+     WHERE run_id = $1 AND status IN ('pending', 'delivered')
+"""
 
 
-_DROP_OPEN_DECISIONS_AND_NOTIFY = _sql(
-    """
-    WITH dropped AS (
-        UPDATE decisions
-           SET status = 'dropped', drop_reason = :reason, dropped_at = now()
-         WHERE run_id = :run_id AND status IN ('pending', 'delivered')
-        RETURNING 1
-    )
-    SELECT (SELECT count(*) FROM dropped) AS dropped,
-           pg_notify(:channel, json_build_object('kind', CAST(:kind AS text),
-                                                 'id', CAST(:run_id AS text))::text)
-    """
-)
-
-
-async def drop_open_decisions_and_notify(
-    connection: AsyncConnection, run_id: str, reason: str, kind: str
-) -> int:
-    """:func:`drop_open_decisions` and :func:`notify` in one round trip."""
-    result = await connection.execute(
-        _DROP_OPEN_DECISIONS_AND_NOTIFY,
-        {"run_id": run_id, "reason": reason, "kind": str(kind), "channel": CHANNEL},
-    )
-    return int(result.scalar_one())
-
-
-async def drop_open_decisions(connection: AsyncConnection, run_id: str, reason: str) -> int:
+async def drop_open_decisions(connection: DriverConnection, run_id: str, reason: str) -> int:
     """Drop the run's decisions that were not acknowledged; return how many.
 
     Runs as its own statement after the run's row was updated, so that it sees decisions
     committed by a forward that held the run's row lock until then.
     """
-    result = await connection.execute(_DROP_OPEN_DECISIONS, {"run_id": run_id, "reason": reason})
-    return int(result.rowcount)
+    status = await connection.execute(_DROP_OPEN_DECISIONS, run_id, reason)
+    return int(status.rsplit(" ", 1)[-1])
 
 
-def _forward_statement(run_filter: str) -> _DriverStatement:
-    # One statement: lock the active run FOR SHARE (so a concurrent supersede or remove waits
-    # and then drops what we add), insert the batch in order, skip decision ids already stored,
-    # and notify only if something new was stored. One statement is one transaction: all or none.
-    return _driver_statement(
-        f"""
-        WITH run AS (
-            SELECT run_id, thread_id, agent_id FROM runs
-             WHERE {run_filter} AND status = 'active'
-               FOR SHARE
-        ), inserted AS (
-            INSERT INTO decisions (run_id, thread_id, agent_id, decision_id, target_id, action,
-                                   result, reason, decision_updated_at)
-            SELECT run.run_id, run.thread_id, run.agent_id, d.decision_id, d.target_id,
-                   d.action, CAST(d.result AS jsonb), d.reason, d.updated_at
-              FROM run,
-                   unnest(CAST(:decision_ids AS text[]), CAST(:target_ids AS text[]),
-                          CAST(:actions AS text[]), CAST(:results AS text[]),
-                          CAST(:reasons AS text[]), CAST(:updated_ats AS bigint[]))
-                   WITH ORDINALITY
-                   AS d(decision_id, target_id, action, result, reason, updated_at, ord)
-             ORDER BY d.ord
-            ON CONFLICT (run_id, decision_id) WHERE decision_id <> '' DO NOTHING
-            RETURNING id
-        ), notified AS (
-            SELECT pg_notify(:channel, json_build_object('kind', 'decision', 'id', run_id)::text)
-              FROM run
-             WHERE EXISTS (SELECT FROM inserted)
-        )
-        SELECT run.run_id, run.thread_id,
-               (SELECT count(*) FROM inserted) AS inserted,
-               (SELECT count(*) FROM notified) AS notified
-          FROM run
-        """
+_DROP_OPEN_DECISIONS_AND_NOTIFY = """
+    WITH dropped AS (
+        UPDATE decisions SET status = 'dropped', drop_reason = $2, dropped_at = now()
+         WHERE run_id = $1 AND status IN ('pending', 'delivered')
+        RETURNING 1
     )
+    SELECT (SELECT count(*) FROM dropped) AS dropped, pg_notify($3, $4)
+"""
 
 
-_FORWARD_BY_RUN_ID = _forward_statement("run_id = :run_id")
-_FORWARD_BY_THREAD = _forward_statement("thread_id = :thread_id AND agent_id = :agent_id")
+async def drop_open_decisions_and_notify(
+    connection: DriverConnection, run_id: str, reason: str, kind: NotificationKind
+) -> int:
+    """:func:`drop_open_decisions` and a ``kind`` notification of the run, in one round trip."""
+    payload = encode(RunChanged(kind, run_id))
+    dropped = await connection.fetchval(
+        _DROP_OPEN_DECISIONS_AND_NOTIFY, run_id, reason, CHANNEL, payload
+    )
+    return int(dropped)
+
+
+# One statement: lock the active run FOR SHARE (so a concurrent supersede or remove waits and
+# then drops what we add), insert the batch in order, skip decision ids already stored, and
+# notify only if something new was stored. One statement is one transaction: all or none.
+_FORWARD = """
+    WITH run AS (
+        SELECT run_id, thread_id, agent_id FROM runs
+         WHERE {run_filter} AND status = 'active'
+           FOR SHARE
+    ), inserted AS (
+        INSERT INTO decisions (run_id, thread_id, agent_id, decision_id, target_id, action,
+                               result, reason, decision_updated_at)
+        SELECT run.run_id, run.thread_id, run.agent_id, d.decision_id, d.target_id,
+               d.action, d.result::jsonb, d.reason, d.updated_at
+          FROM run,
+               unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[])
+               WITH ORDINALITY
+               AS d(decision_id, target_id, action, result, reason, updated_at, ord)
+         ORDER BY d.ord
+        ON CONFLICT (run_id, decision_id) WHERE decision_id <> '' DO NOTHING
+        RETURNING id
+    ), notified AS (
+        SELECT pg_notify($7, json_build_object('kind', $8::text, 'id', run_id)::text)
+          FROM run
+         WHERE EXISTS (SELECT FROM inserted)
+    )
+    SELECT run.run_id, run.thread_id,
+           (SELECT count(*) FROM inserted) AS inserted,
+           (SELECT count(*) FROM notified) AS notified
+      FROM run
+"""
+_FORWARD_BY_RUN_ID = _FORWARD.format(run_filter="run_id = $9")
+_FORWARD_BY_THREAD = _FORWARD.format(run_filter="thread_id = $9 AND agent_id = $10")
 
 
 @dataclass(frozen=True, slots=True)
@@ -537,26 +419,29 @@ class ForwardResult:
     inserted: int
 
 
-def _forward_result(row: Any) -> ForwardResult:
+def _forward_arguments(
+    decisions: Sequence[ToolCallDecision], results: Sequence[str]
+) -> tuple[object, ...]:
+    return (
+        [d.decision_id for d in decisions],
+        [d.target_id for d in decisions],
+        [d.action.value for d in decisions],
+        list(results),
+        [d.reason for d in decisions],
+        [d.updated_at for d in decisions],
+        CHANNEL,
+        NotificationKind.DECISION.value,
+    )
+
+
+def _forward_result(row: Row | None) -> ForwardResult | None:
+    if row is None:
+        return None
     return ForwardResult(row["run_id"], row["thread_id"], int(row["inserted"]))
 
 
-def _decision_arrays(
-    decisions: Sequence[ToolCallDecision], results: Sequence[str]
-) -> dict[str, Any]:
-    return {
-        "decision_ids": [d.decision_id for d in decisions],
-        "target_ids": [d.target_id for d in decisions],
-        "actions": [d.action.value for d in decisions],
-        "results": list(results),
-        "reasons": [d.reason for d in decisions],
-        "updated_ats": [d.updated_at for d in decisions],
-        "channel": CHANNEL,
-    }
-
-
 async def forward_by_run_id(
-    connection: AsyncConnection,
+    connection: DriverConnection,
     run_id: str,
     decisions: Sequence[ToolCallDecision],
     results: Sequence[str],
@@ -565,13 +450,12 @@ async def forward_by_run_id(
 
     ``results`` holds each decision's ``result`` already encoded as JSON text.
     """
-    params = _decision_arrays(decisions, results) | {"run_id": run_id}
-    row = await _driver_fetchrow(connection, _FORWARD_BY_RUN_ID, params)
-    return None if row is None else _forward_result(row)
+    arguments = _forward_arguments(decisions, results)
+    return _forward_result(await connection.fetchrow(_FORWARD_BY_RUN_ID, *arguments, run_id))
 
 
 async def forward_by_thread(
-    connection: AsyncConnection,
+    connection: DriverConnection,
     agent_id: str,
     thread_id: str,
     decisions: Sequence[ToolCallDecision],
@@ -581,45 +465,43 @@ async def forward_by_thread(
 
     ``results`` holds each decision's ``result`` already encoded as JSON text.
     """
-    params = _decision_arrays(decisions, results) | {"thread_id": thread_id, "agent_id": agent_id}
-    row = await _driver_fetchrow(connection, _FORWARD_BY_THREAD, params)
-    return None if row is None else _forward_result(row)
+    arguments = _forward_arguments(decisions, results)
+    row = await connection.fetchrow(_FORWARD_BY_THREAD, *arguments, thread_id, agent_id)
+    return _forward_result(row)
 
 
-_CLAIM_DECISIONS = _driver_statement(
-    """
+_CLAIM_DECISIONS = """
     WITH relaxed AS (
         -- this statement's commit need not wait for the WAL flush: if a server crash loses
         -- the mark, the decision is simply delivered again, which at-least-once allows
         SELECT set_config('synchronous_commit', 'off', true)
     ), candidates AS (
         SELECT id, attempts FROM decisions
-         WHERE run_id = :run_id AND status IN ('pending', 'delivered')
+         WHERE run_id = $1 AND status IN ('pending', 'delivered')
            -- ids are drawn at insert, not at commit: a forward that commits after a later
            -- one has a lower id than this inbox's cursor, so pending rows are always taken
-           AND (status = 'pending' OR id > :after)
+           AND (status = 'pending' OR id > $2)
          ORDER BY id
-         LIMIT :limit
+         LIMIT $3
            FOR UPDATE
     ), dead AS (
         UPDATE decisions
            SET status = 'dropped', dropped_at = now(),
                drop_reason = 'dead-lettered after ' || attempts || ' delivery attempts'
-         WHERE id IN (SELECT id FROM candidates WHERE attempts >= :max_attempts)
+         WHERE id IN (SELECT id FROM candidates WHERE attempts >= $4)
         RETURNING id
     ), claimed AS (
         UPDATE decisions
            SET status = 'delivered', delivered_at = coalesce(delivered_at, now()),
                attempts = attempts + 1
-         WHERE id IN (SELECT id FROM candidates WHERE attempts < :max_attempts)
+         WHERE id IN (SELECT id FROM candidates WHERE attempts < $4)
         RETURNING id, run_id, decision_id, target_id, action, result::text AS result, reason,
                   decision_updated_at, attempts, received_at
     )
     SELECT claimed.*, false AS dead FROM claimed, relaxed
     UNION ALL
     SELECT dead.id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true FROM dead, relaxed
-    """
-)
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -635,18 +517,14 @@ class Claim:
 
 
 async def claim_decisions(
-    connection: AsyncConnection, run_id: str, *, after: int, limit: int, max_attempts: int
+    connection: DriverConnection, run_id: str, *, after: int, limit: int, max_attempts: int
 ) -> Claim:
     """Mark the run's next unacknowledged decisions (id > ``after``) delivered and return them.
 
     Each claim counts one delivery attempt; a decision already delivered ``max_attempts``
     times is dropped as dead-lettered instead. Deliveries come in forward order.
     """
-    rows = await _driver_fetch(
-        connection,
-        _CLAIM_DECISIONS,
-        {"run_id": run_id, "after": after, "limit": limit, "max_attempts": max_attempts},
-    )
+    rows = await connection.fetch(_CLAIM_DECISIONS, run_id, after, limit, max_attempts)
     deliveries: list[DecisionDelivery] = []
     examined = after
     dead = 0
@@ -675,28 +553,23 @@ async def claim_decisions(
     return Claim(deliveries, examined, dead, full=len(rows) >= limit)
 
 
-_ACK_DECISION = _driver_statement(
-    """
+_ACK_DECISION = """
     UPDATE decisions SET status = 'acked', acked_at = now()
-     WHERE id = :id AND run_id = :run_id AND status = 'delivered'
+     WHERE id = $1 AND run_id = $2 AND status = 'delivered'
     RETURNING id
-    """
-)
+"""
 
 
-async def ack_decision(connection: AsyncConnection, run_id: str, delivery_id: int) -> bool:
+async def ack_decision(connection: DriverConnection, run_id: str, delivery_id: int) -> bool:
     """Mark a delivered decision acknowledged; ``False`` if it was not awaiting an ack."""
-    params = {"id": delivery_id, "run_id": run_id}
-    return await _driver_fetchrow(connection, _ACK_DECISION, params) is not None
+    return await connection.fetchval(_ACK_DECISION, delivery_id, run_id) is not None
 
 
-_OPEN_DECISION_HEADS = _sql(
-    """
+_OPEN_DECISION_HEADS = """
     SELECT run_id, max(id) AS newest, bool_or(status = 'pending') AS pending FROM decisions
-     WHERE run_id = ANY(:run_ids) AND status IN ('pending', 'delivered')
+     WHERE run_id = ANY($1::text[]) AND status IN ('pending', 'delivered')
      GROUP BY run_id
-    """
-)
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -709,78 +582,72 @@ class OpenDecisions:
 
 
 async def open_decision_heads(
-    connection: AsyncConnection, run_ids: Sequence[str]
+    connection: DriverConnection, run_ids: Sequence[str]
 ) -> dict[str, OpenDecisions]:
     """For each run with unacknowledged decisions: the newest id, and whether any is pending."""
-    result = await connection.execute(_OPEN_DECISION_HEADS, {"run_ids": list(run_ids)})
-    return {row.run_id: OpenDecisions(int(row.newest), bool(row.pending)) for row in result}
+    rows = await connection.fetch(_OPEN_DECISION_HEADS, list(run_ids))
+    return {row["run_id"]: OpenDecisions(int(row["newest"]), bool(row["pending"])) for row in rows}
 
 
-_DECISIONS_OF_RUN = _sql(
-    """
+_DECISIONS_OF_RUN = """
     SELECT id, run_id, thread_id, agent_id, decision_id, target_id, action,
            result::text AS result, reason, decision_updated_at, status, attempts, drop_reason,
            received_at, delivered_at, acked_at, dropped_at
-      FROM decisions WHERE run_id = :run_id ORDER BY id
-    """
-)
+      FROM decisions WHERE run_id = $1 ORDER BY id
+"""
 
 
-async def decisions_of_run(connection: AsyncConnection, run_id: str) -> list[dict[str, Any]]:
-    """Every decision row of a run, oldest first (the audit trail)."""
-    result = await connection.execute(_DECISIONS_OF_RUN, {"run_id": run_id})
-    rows = [dict(row._mapping) for row in result]
-    for row in rows:
+def _decoded(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    decoded = [dict(row) for row in rows]
+    for row in decoded:
         row["result"] = json.loads(row["result"])
-    return rows
+    return decoded
+
+
+async def decisions_of_run(connection: DriverConnection, run_id: str) -> list[dict[str, Any]]:
+    """Every decision row of a run, oldest first (the audit trail); ``result`` decoded."""
+    return _decoded(await connection.fetch(_DECISIONS_OF_RUN, run_id))
 
 
 # --- streams --------------------------------------------------------------------------------
 
-_BIND_STREAM = _sql(
-    """
+_BIND_STREAM = """
     UPDATE runs SET stream_seq = coalesce(stream_seq, 0)
-     WHERE run_id = :run_id AND status = 'active'
+     WHERE run_id = $1 AND status = 'active'
     RETURNING stream_seq
-    """
-)
+"""
 
 
-async def bind_stream(connection: AsyncConnection, run_id: str) -> bool:
+async def bind_stream(connection: DriverConnection, run_id: str) -> bool:
     """Open the active run's stream (idempotent); ``False`` if the run is not active."""
-    return (await connection.execute(_BIND_STREAM, {"run_id": run_id})).first() is not None
+    return await connection.fetchval(_BIND_STREAM, run_id) is not None
 
 
-_APPEND_CHUNKS = _driver_statement(
-    """
+_APPEND_CHUNKS = """
     WITH allocated AS (
         -- the row lock serialises publishers of one run, so seqs commit in order, gapless
-        UPDATE runs SET stream_seq = stream_seq + CAST(:count AS bigint)
-         WHERE run_id = :run_id AND status = 'active' AND stream_seq IS NOT NULL
+        UPDATE runs SET stream_seq = stream_seq + $2::bigint
+         WHERE run_id = $1 AND status = 'active' AND stream_seq IS NOT NULL
         RETURNING run_id, stream_seq AS last_seq
     ), inserted AS (
         INSERT INTO stream_chunks (run_id, seq, data)
-        SELECT allocated.run_id, allocated.last_seq - CAST(:count AS bigint) + chunk.ord,
-               chunk.data
-          FROM allocated,
-               unnest(CAST(:chunks AS bytea[])) WITH ORDINALITY AS chunk(data, ord)
+        SELECT allocated.run_id, allocated.last_seq - $2::bigint + chunk.ord, chunk.data
+          FROM allocated, unnest($3::bytea[]) WITH ORDINALITY AS chunk(data, ord)
         RETURNING seq
     ), notified AS (
-        SELECT pg_notify(:channel, json_build_object(
-                   'kind', 'chunk', 'id', run_id, 'seq', last_seq,
-                   'data', CAST(:inline AS text))::text)
+        SELECT pg_notify($4, json_build_object(
+                   'kind', $5::text, 'id', run_id, 'seq', last_seq, 'data', $6::text)::text)
           FROM allocated
-         WHERE CAST(:notify AS boolean)
+         WHERE $7::boolean
     )
     SELECT last_seq, (SELECT count(*) FROM inserted) AS inserted,
            (SELECT count(*) FROM notified) AS notified
       FROM allocated
-    """
-)
+"""
 
 
 async def append_chunks(
-    connection: AsyncConnection,
+    connection: DriverConnection,
     run_id: str,
     chunks: Sequence[bytes],
     *,
@@ -789,75 +656,47 @@ async def append_chunks(
 ) -> int | None:
     """Append ``chunks`` to the run's open stream; return the last seq, ``None`` if closed.
 
-    With ``notify``, a wake-up goes out at commit, carrying ``inline`` (base64 of a single
-    small chunk) when given.
+    With ``notify``, a wake-up goes out at commit, carrying ``inline``
+    (:func:`~registry.notifications.inline_data` of a single small chunk) when given.
     """
-    row = await _driver_fetchrow(
-        connection,
+    last_seq = await connection.fetchval(
         _APPEND_CHUNKS,
-        {
-            "run_id": run_id,
-            "count": len(chunks),
-            "chunks": list(chunks),
-            "notify": notify,
-            "inline": inline,
-            "channel": CHANNEL,
-        },
+        run_id,
+        len(chunks),
+        list(chunks),
+        CHANNEL,
+        NotificationKind.CHUNK.value,
+        inline,
+        notify,
     )
-    return None if row is None else int(row["last_seq"])
+    return None if last_seq is None else int(last_seq)
 
 
-_NOTIFY_CHUNKS = _sql(
-    """
-    SELECT pg_notify(:channel, json_build_object('kind', 'chunk', 'id', run_id, 'seq', seq)::text)
-      FROM unnest(CAST(:run_ids AS text[]), CAST(:seqs AS bigint[])) AS pending(run_id, seq)
-    """
-)
+_NOTIFY = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
 
 
-async def notify_chunks(connection: AsyncConnection, newest: dict[str, int]) -> None:
-    """One wake-up per run for chunks published without one (coalesced)."""
-    await connection.execute(
-        _NOTIFY_CHUNKS,
-        {"run_ids": list(newest), "seqs": list(newest.values()), "channel": CHANNEL},
-    )
+async def notify(connection: DriverConnection, payloads: Sequence[str]) -> None:
+    """Send ready-made payloads (coalesced chunk wake-ups) in one round trip."""
+    await connection.execute(_NOTIFY, CHANNEL, list(payloads))
 
 
-_READ_CHUNKS = _driver_statement(
-    """
-    SELECT seq, data FROM stream_chunks
-     WHERE run_id = :run_id AND seq > :after
-     ORDER BY seq
-     LIMIT :limit
-    """
-)
+_READ_CHUNKS = """
+    SELECT seq, data FROM stream_chunks WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3
+"""
 
 
 async def read_chunks(
-    connection: AsyncConnection, run_id: str, *, after: int, limit: int
+    connection: DriverConnection, run_id: str, *, after: int, limit: int
 ) -> list[StreamChunk]:
     """The run's stored chunks with seq > ``after``, in order, at most ``limit``."""
-    params = {"run_id": run_id, "after": after, "limit": limit}
-    rows = await _driver_fetch(connection, _READ_CHUNKS, params)
+    rows = await connection.fetch(_READ_CHUNKS, run_id, after, limit)
     return [StreamChunk(row["seq"], bytes(row["data"])) for row in rows]
 
 
-_STREAM_STATE = _sql(
-    "SELECT run_id, status, cancel_requested_at, stream_seq FROM runs WHERE run_id = :run_id"
-)
-
-
-async def stream_state(connection: AsyncConnection, run_id: str) -> RunState | None:
-    """The run's state including its stream position, in any status."""
-    row = (await connection.execute(_STREAM_STATE, {"run_id": run_id})).first()
-    return None if row is None else _run_state(row)
-
-
-_PRUNE_STREAMS = _sql(
-    """
+_PRUNE_STREAMS = """
     WITH expired AS (
         UPDATE runs SET stream_seq = NULL
-         WHERE status <> 'active' AND ended_at < now() - CAST(:older_than AS interval)
+         WHERE status <> 'active' AND ended_at < now() - $1::interval
            AND stream_seq IS NOT NULL
         RETURNING run_id
     ), deleted AS (
@@ -866,20 +705,142 @@ _PRUNE_STREAMS = _sql(
         RETURNING 1
     )
     SELECT count(*) FROM deleted
-    """
-)
+"""
 
 
-async def prune_streams(connection: AsyncConnection, older_than: timedelta) -> int:
+async def prune_streams(connection: DriverConnection, older_than: timedelta) -> int:
     """Delete the chunks of runs that ended before ``now() - older_than``; return how many.
 
     Never touches an active run's stream, and never decisions (the audit trail).
     """
-    result = await connection.execute(_PRUNE_STREAMS, {"older_than": older_than})
-    return int(result.scalar_one())
+    return int(await connection.fetchval(_PRUNE_STREAMS, older_than))
 
 
-# --- administration (test databases) ---------------------------------------------------------
+# --- inspection: read-only statements for operators, the CLI and the demo --------------------
+
+_STATUS_COUNTS = """
+    SELECT 'runs' AS kind, status, count(*) AS total FROM runs GROUP BY status
+    UNION ALL
+    SELECT 'decisions' AS kind, status, count(*) AS total FROM decisions GROUP BY status
+"""
+
+
+async def status_counts(connection: DriverConnection) -> dict[str, dict[str, int]]:
+    """Rows per status: ``{"runs": {status: count}, "decisions": {status: count}}``.
+
+    Every status appears, with 0 when no row has it.
+    """
+    counts: dict[str, dict[str, int]] = {
+        "runs": {str(status): 0 for status in RunStatus},
+        "decisions": {str(status): 0 for status in DecisionStatus},
+    }
+    for row in await connection.fetch(_STATUS_COUNTS):
+        counts[row["kind"]][row["status"]] = int(row["total"])
+    return counts
+
+
+_LIST_RUNS = f"""
+    SELECT {_RUN_COLUMNS} FROM runs
+     WHERE ($1::text IS NULL OR thread_id = $1::text)
+       AND ($2::text IS NULL OR agent_id = $2::text)
+       AND ($3::text IS NULL OR status = $3::text)
+     ORDER BY created_at DESC, run_id
+     LIMIT $4
+"""
+
+
+async def list_runs(
+    connection: DriverConnection,
+    *,
+    thread_id: str | None = None,
+    agent_id: str | None = None,
+    status: RunStatus | None = None,
+    limit: int = 50,
+) -> list[RunRecord]:
+    """Runs in any status matching every filter given, newest first, at most ``limit``."""
+    rows = await connection.fetch(
+        _LIST_RUNS, thread_id, agent_id, None if status is None else str(status), limit
+    )
+    return [_run_record(row) for row in rows]
+
+
+_RUN_DETAILS = """
+    SELECT run_id, thread_id, agent_id, status, owner_id, lease_expires_at,
+           cancel_requested_at, superseded_by, end_reason, created_at, updated_at, ended_at,
+           stream_seq,
+           (SELECT count(*) FROM stream_chunks WHERE stream_chunks.run_id = runs.run_id)
+               AS stored_chunks
+      FROM runs WHERE run_id = $1
+"""
+
+
+async def run_details(connection: DriverConnection, run_id: str) -> dict[str, Any] | None:
+    """Every column of the run's row plus ``stored_chunks``, or ``None`` if there is no such run.
+
+    ``stream_seq`` is the newest chunk's seq (``None``: no stream, or pruned).
+    """
+    row = await connection.fetchrow(_RUN_DETAILS, run_id)
+    return None if row is None else dict(row)
+
+
+_AUDIT = """
+    SELECT id, run_id, thread_id, agent_id, decision_id, target_id, action,
+           result::text AS result, reason, decision_updated_at, status, attempts, drop_reason,
+           received_at, delivered_at, acked_at, dropped_at, delivery_latency, ack_latency,
+           run_status, run_owner_id, run_created_at, run_ended_at, run_end_reason
+      FROM decision_audit
+     WHERE ($1::text IS NULL OR run_id = $1::text)
+       AND ($2::text IS NULL OR thread_id = $2::text)
+       AND ($3::text IS NULL OR agent_id = $3::text)
+       AND ($4::timestamptz IS NULL OR received_at >= $4::timestamptz)
+     ORDER BY id DESC
+     LIMIT $5
+"""
+
+
+async def audit_trail(
+    connection: DriverConnection,
+    *,
+    run_id: str | None = None,
+    thread_id: str | None = None,
+    agent_id: str | None = None,
+    since: datetime | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Rows of the ``decision_audit`` view matching every filter given, in forward order.
+
+    With ``limit``, the newest ``limit`` rows. ``result`` is decoded JSON; the latencies are
+    ``timedelta`` (``None`` until delivered or acknowledged).
+    """
+    rows = await connection.fetch(_AUDIT, run_id, thread_id, agent_id, since, limit)
+    return _decoded(list(reversed(rows)))
+
+
+# --- administration (health, test databases, grants) ----------------------------------------
+
+_HEALTH_PROBE = "SELECT 1"
+
+
+async def health_probe(connection: DriverConnection) -> None:
+    """A round trip that a dead or half-open connection cannot complete (the listener's)."""
+    await connection.fetchval(_HEALTH_PROBE)
+
+
+_SERVER_VERSION = "SELECT current_setting('server_version_num')::int"
+
+
+async def server_version(connection: DriverConnection) -> int:
+    """The server's ``server_version_num`` (for example 150019)."""
+    return int(await connection.fetchval(_SERVER_VERSION))
+
+
+_DATABASE_EXISTS = "SELECT EXISTS (SELECT FROM pg_database WHERE datname = $1)"
+
+
+async def database_exists(connection: DriverConnection, name: str) -> bool:
+    """Whether the server has a database called ``name``."""
+    return bool(await connection.fetchval(_DATABASE_EXISTS, name))
+
 
 _DATABASE_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 
@@ -892,20 +853,18 @@ def _database_identifier(name: str) -> str:
 
 
 async def create_database(
-    connection: AsyncConnection, name: str, *, template: str | None = None
+    connection: DriverConnection, name: str, *, template: str | None = None
 ) -> None:
     """``CREATE DATABASE name [TEMPLATE template]``; needs an autocommit connection."""
     statement = f"CREATE DATABASE {_database_identifier(name)}"
     if template is not None:
         statement += f" TEMPLATE {_database_identifier(template)}"
-    await connection.exec_driver_sql(statement)
+    await connection.execute(statement)
 
 
-async def drop_database(connection: AsyncConnection, name: str) -> None:
+async def drop_database(connection: DriverConnection, name: str) -> None:
     """``DROP DATABASE IF EXISTS name WITH (FORCE)``; needs an autocommit connection."""
-    await connection.exec_driver_sql(
-        f"DROP DATABASE IF EXISTS {_database_identifier(name)} WITH (FORCE)"
-    )
+    await connection.execute(f"DROP DATABASE IF EXISTS {_database_identifier(name)} WITH (FORCE)")
 
 
 def application_grants(role: str, database: str) -> list[str]:
@@ -922,147 +881,3 @@ def application_grants(role: str, database: str) -> list[str]:
         f"GRANT DELETE ON stream_chunks TO {quoted_role}",
         f"GRANT SELECT ON alembic_version TO {quoted_role}",
     ]
-
-
-_SERVER_VERSION = _sql("SELECT current_setting('server_version_num')::int")
-
-
-async def server_version(connection: AsyncConnection) -> int:
-    """The server's ``server_version_num`` (for example 150019)."""
-    return int((await connection.execute(_SERVER_VERSION)).scalar_one())
-
-
-# --- command line and audit -----------------------------------------------------------------
-# Read-only statements for `registry` commands and the embedded database's bootstrap.
-
-_DATABASE_EXISTS = _sql("SELECT EXISTS (SELECT FROM pg_database WHERE datname = :name)")
-
-
-async def database_exists(connection: AsyncConnection, name: str) -> bool:
-    """Whether the server has a database called ``name``."""
-    return bool((await connection.execute(_DATABASE_EXISTS, {"name": name})).scalar_one())
-
-
-_STATUS_COUNTS = _sql(
-    """
-    SELECT 'runs' AS kind, status, count(*) AS total FROM runs GROUP BY status
-    UNION ALL
-    SELECT 'decisions' AS kind, status, count(*) AS total FROM decisions GROUP BY status
-    """
-)
-
-
-async def status_counts(connection: AsyncConnection) -> dict[str, dict[str, int]]:
-    """Rows per status: ``{"runs": {status: count}, "decisions": {status: count}}``.
-
-    Every status appears, with 0 when no row has it.
-    """
-    counts: dict[str, dict[str, int]] = {
-        "runs": dict.fromkeys(RunStatus, 0),
-        "decisions": dict.fromkeys(DecisionStatus, 0),
-    }
-    for row in await connection.execute(_STATUS_COUNTS):
-        counts[row.kind][row.status] = int(row.total)
-    return {kind: {str(status): n for status, n in by.items()} for kind, by in counts.items()}
-
-
-_LIST_RUNS = _sql(
-    f"""
-    SELECT {_RUN_COLUMNS} FROM runs
-     WHERE (CAST(:thread_id AS text) IS NULL OR thread_id = CAST(:thread_id AS text))
-       AND (CAST(:agent_id AS text) IS NULL OR agent_id = CAST(:agent_id AS text))
-       AND (CAST(:status AS text) IS NULL OR status = CAST(:status AS text))
-     ORDER BY created_at DESC, run_id
-     LIMIT :limit
-    """
-)
-
-
-async def list_runs(
-    connection: AsyncConnection,
-    *,
-    thread_id: str | None = None,
-    agent_id: str | None = None,
-    status: RunStatus | None = None,
-    limit: int = 50,
-) -> list[RunRecord]:
-    """Runs in any status matching every filter given, newest first, at most ``limit``."""
-    result = await connection.execute(
-        _LIST_RUNS,
-        {
-            "thread_id": thread_id,
-            "agent_id": agent_id,
-            "status": None if status is None else str(status),
-            "limit": limit,
-        },
-    )
-    return [_run_record(row) for row in result]
-
-
-_RUN_DETAILS = _sql(
-    """
-    SELECT run_id, thread_id, agent_id, status, owner_id, lease_expires_at,
-           cancel_requested_at, superseded_by, end_reason, created_at, updated_at, ended_at,
-           stream_seq,
-           (SELECT count(*) FROM stream_chunks WHERE stream_chunks.run_id = runs.run_id)
-               AS stored_chunks
-      FROM runs WHERE run_id = :run_id
-    """
-)
-
-
-async def run_details(connection: AsyncConnection, run_id: str) -> dict[str, Any] | None:
-    """Every column of the run's row plus ``stored_chunks``, or ``None`` if there is no such run.
-
-    ``stream_seq`` is the newest chunk's seq (``None``: no stream, or pruned).
-    """
-    row = (await connection.execute(_RUN_DETAILS, {"run_id": run_id})).first()
-    return None if row is None else dict(row._mapping)
-
-
-_AUDIT = _sql(
-    """
-    SELECT id, run_id, thread_id, agent_id, decision_id, target_id, action,
-           result::text AS result, reason, decision_updated_at, status, attempts, drop_reason,
-           received_at, delivered_at, acked_at, dropped_at, delivery_latency, ack_latency,
-           run_status, run_owner_id, run_created_at, run_ended_at, run_end_reason
-      FROM decision_audit
-     WHERE (CAST(:run_id AS text) IS NULL OR run_id = CAST(:run_id AS text))
-       AND (CAST(:thread_id AS text) IS NULL OR thread_id = CAST(:thread_id AS text))
-       AND (CAST(:agent_id AS text) IS NULL OR agent_id = CAST(:agent_id AS text))
-       AND (CAST(:since AS timestamptz) IS NULL OR received_at >= CAST(:since AS timestamptz))
-     ORDER BY id DESC
-     LIMIT :limit
-    """
-)
-
-
-async def audit_trail(
-    connection: AsyncConnection,
-    *,
-    run_id: str | None = None,
-    thread_id: str | None = None,
-    agent_id: str | None = None,
-    since: datetime | None = None,
-    limit: int | None = None,
-) -> list[dict[str, Any]]:
-    """Rows of the ``decision_audit`` view matching every filter given, in forward order.
-
-    With ``limit``, the newest ``limit`` rows. ``result`` is decoded JSON; the latencies are
-    ``timedelta`` (``None`` until delivered or acknowledged).
-    """
-    result = await connection.execute(
-        _AUDIT,
-        {
-            "run_id": run_id,
-            "thread_id": thread_id,
-            "agent_id": agent_id,
-            "since": since,
-            "limit": limit,
-        },
-    )
-    rows = [dict(row._mapping) for row in result]
-    rows.reverse()
-    for row in rows:
-        row["result"] = json.loads(row["result"])
-    return rows

@@ -1,4 +1,9 @@
-"""Stream subscriptions: ordered, gapless, resumable delivery of a run's output chunks.
+"""A run's output stream: publishing chunks, reading them back, and subscriptions.
+
+:class:`ChunkPublisher` appends chunks (seq allocated under the run's row lock) and sends at
+most one notification per run per window from this process; :class:`SharedChunkReader` reads a
+run's stored chunks, sharing one query among the process's subscribers of the run;
+:class:`StreamSubscription` is what a consumer iterates.
 
 Chunks are rows (``stream_chunks``), so the table is the truth: a subscriber yields chunk
 ``seq`` only after chunk ``seq - 1``. Small chunks may arrive inline in their notification and
@@ -12,15 +17,165 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Awaitable, Callable
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
+from registry import repository
+from registry.connections import ConnectionLane
+from registry.errors import StreamClosedError
 from registry.models import StreamChunk
-from registry.watch import RunWatch
+from registry.notifications import ChunkPublished, encode, inline_data
+from registry.watch import Dispatcher, RunWatch
+
+logger = logging.getLogger(__name__)
 
 #: Reads the run's stored chunks with seq greater than the second argument, in order.
 ChunkReader = Callable[[str, int], Awaitable[list[StreamChunk]]]
+
+
+class ChunkPublisher:
+    """Appends chunks to runs' streams and sends their wake-ups, coalesced per run.
+
+    A NOTIFY takes a database-wide lock at commit, so one per chunk would cap everyone's
+    throughput: the first publish of a run in a ``window`` (seconds) notifies in its own
+    statement (inline when it is one chunk of at most ``inline_limit`` bytes); later ones in the
+    window leave a wake-up pending, which a background flush sends when the window closes.
+    A returned publish is committed; only its wake-up may be a window late.
+    """
+
+    def __init__(self, lane: ConnectionLane, *, window: float, inline_limit: int) -> None:
+        self._lane = lane
+        self._window = window
+        self._inline_limit = inline_limit
+        self._notified_at: dict[str, float] = {}
+        self._pending: dict[str, int] = {}
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def publish(self, run_id: str, chunks: Sequence[bytes]) -> list[int]:
+        """Append ``chunks`` (validated) in one transaction and return their sequence numbers.
+
+        Raises :class:`StreamClosedError` if the stream is not bound or the run has ended.
+        """
+        if not chunks:
+            return []
+        now = asyncio.get_running_loop().time()
+        last = self._notified_at.get(run_id)
+        notify = last is None or now - last >= self._window
+        inline = None
+        if notify and len(chunks) == 1 and len(chunks[0]) <= self._inline_limit:
+            inline = inline_data(chunks[0])
+        async with self._lane.autocommit() as connection:
+            last_seq = await repository.append_chunks(
+                connection, run_id, chunks, notify=notify, inline=inline
+            )
+        if last_seq is None:
+            raise StreamClosedError(run_id)
+        if notify:
+            self._notified_at[run_id] = now
+        else:
+            self._pending[run_id] = max(last_seq, self._pending.get(run_id, 0))
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.create_task(self._flush(), name="registry-chunk-notify")
+        first = last_seq - len(chunks) + 1
+        return list(range(first, last_seq + 1))
+
+    async def stop(self) -> None:
+        """Send what is pending rather than drop it: subscribers elsewhere wait on it."""
+        if self._flusher is not None and not self._flusher.done():
+            with contextlib.suppress(Exception):
+                await self._flusher
+
+    async def _flush(self) -> None:
+        # one NOTIFY per run per window: later publishes in the window ride on this one, sent
+        # as soon as the earliest pending run's window closes
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            opened = min(self._notified_at.get(run_id, 0.0) for run_id in self._pending)
+            await asyncio.sleep(max(0.0, opened + self._window - loop.time()))
+            now = loop.time()
+            due = {
+                run_id: seq
+                for run_id, seq in self._pending.items()
+                if now - self._notified_at.get(run_id, 0.0) >= self._window
+            }
+            for run_id in due:
+                del self._pending[run_id]
+                self._notified_at[run_id] = now
+            payloads = [encode(ChunkPublished(run_id, seq)) for run_id, seq in due.items()]
+            try:
+                async with self._lane.autocommit() as connection:
+                    await repository.notify(connection, payloads)
+            except Exception:
+                # subscribers still catch up at their safety re-check; the rows are there
+                logger.warning("coalesced chunk notification failed", exc_info=True)
+        horizon = loop.time() - self._window
+        for run_id, at in list(self._notified_at.items()):
+            if at < horizon:
+                del self._notified_at[run_id]
+
+
+@dataclass(frozen=True, slots=True)
+class _SharedRead:
+    """A table read of one run's chunks in flight, that other subscribers may wait on."""
+
+    after: int
+    generation: int
+    result: asyncio.Future[list[StreamChunk]]
+
+
+class SharedChunkReader:
+    """Reads runs' stored chunks for this process's subscribers, one query per run at a time.
+
+    ``batch``: chunks per round trip. Reads wait through a database outage (backoff up to
+    ``max_delay`` seconds) instead of failing their subscriber.
+    """
+
+    def __init__(
+        self, lane: ConnectionLane, dispatcher: Dispatcher, *, batch: int, max_delay: float
+    ) -> None:
+        self._lane = lane
+        self._dispatcher = dispatcher
+        self.batch = batch
+        self._max_delay = max_delay
+        self._reads: dict[str, _SharedRead] = {}
+
+    async def read(self, run_id: str, after: int) -> list[StreamChunk]:
+        """Up to ``batch`` of the run's chunks after ``after``, in order.
+
+        Joins a read of the run already in flight when that one started after the wake-up
+        that sent this caller here (so it has seen what the wake-up announced) and from a
+        position at or before ``after``.
+        """
+        watch = self._dispatcher.get(run_id)
+        generation = 0 if watch is None else watch.chunk_generation
+        shared = self._reads.get(run_id)
+        if shared is not None and shared.after <= after and shared.generation >= generation:
+            chunks = await asyncio.shield(shared.result)
+            wanted = [chunk for chunk in chunks if chunk.seq > after]
+            if wanted or len(chunks) < self.batch:
+                return wanted
+        read = asyncio.ensure_future(self._read_table(run_id, after))
+        # retrieved even if every waiter was cancelled, so it is never "never retrieved"
+        read.add_done_callback(lambda done: done.cancelled() or done.exception())
+        mine = _SharedRead(after, generation, read)
+        self._reads[run_id] = mine
+        try:
+            return await asyncio.shield(read)
+        finally:
+            if self._reads.get(run_id) is mine:
+                del self._reads[run_id]
+
+    async def _read_table(self, run_id: str, after: int) -> list[StreamChunk]:
+        return await self._lane.retry_until_available(
+            lambda connection: repository.read_chunks(
+                connection, run_id, after=after, limit=self.batch
+            ),
+            max_delay=self._max_delay,
+        )
 
 
 class StreamSubscription:
@@ -109,8 +264,9 @@ class StreamSubscription:
             await self._wakeup.wait()
 
     async def aclose(self) -> None:
-        """Stop the subscription; iteration ends."""
+        """Stop the subscription; iteration ends, even with chunks already read."""
         self._closed = True
+        self._ready.clear()
         self._inline.clear()
         self._watch.streams.discard(self)
         self._wakeup.set()

@@ -37,6 +37,8 @@ metadata = MetaData(
     }
 )
 
+#: Name of the runs table's primary key: a reused run id violates it.
+RUN_ID_TAKEN = "pk_runs"
 #: Name of the partial unique index that keeps one active run per thread.
 ONE_ACTIVE_RUN_PER_THREAD = "uq_runs_active_thread"
 #: Name of the partial unique index that makes a non-empty decision_id idempotent per run.

@@ -33,9 +33,11 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from registry import repository
-from registry.database import create_engine, migrate
+from registry.database import admin_connection
 from registry.errors import DatabaseUnavailableError
-from registry.registry import RegistrySettings, RunRegistry
+from registry.registry import RunRegistry
+from registry.schema import migrate
+from registry.settings import RegistrySettings
 
 logger = logging.getLogger(__name__)
 
@@ -208,22 +210,14 @@ def select_server(stack: ExitStack) -> TestServer:
 
 
 async def _create_template(server: TestServer, name: str) -> None:
-    engine = create_engine(server.admin_url, pool_size=1, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as connection:
-            await repository.create_database(connection, name)
-    finally:
-        await engine.dispose()
+    async with admin_connection(server.admin_url) as connection:
+        await repository.create_database(connection, name)
     await migrate(server.database_url(name))
 
 
 async def _drop(server: TestServer, name: str) -> None:
-    engine = create_engine(server.admin_url, pool_size=1, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as connection:
-            await repository.drop_database(connection, name)
-    finally:
-        await engine.dispose()
+    async with admin_connection(server.admin_url) as connection:
+        await repository.drop_database(connection, name)
 
 
 @pytest.fixture(scope="session")
@@ -255,15 +249,11 @@ async def registry_database_url(
 ) -> AsyncIterator[str]:
     """URL of a fresh database, migrated to head, private to this test."""
     name = f"registry_test_{uuid.uuid4().hex[:16]}"
-    engine = create_engine(registry_server.admin_url, pool_size=1, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as connection:
-            await repository.create_database(connection, name, template=registry_template)
-        yield registry_server.database_url(name)
-        async with engine.connect() as connection:
-            await repository.drop_database(connection, name)
-    finally:
-        await engine.dispose()
+    async with admin_connection(registry_server.admin_url) as connection:
+        await repository.create_database(connection, name, template=registry_template)
+    yield registry_server.database_url(name)
+    async with admin_connection(registry_server.admin_url) as connection:
+        await repository.drop_database(connection, name)
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from registry import RunRegistry, RunStatus, ToolCallDecision, downgrade, repository
-from registry.database import create_engine, head_revision
+from registry.database import admin_connection
+from registry.schema import head_revision
 from tests.cli.runner import assert_error, registry, start
 
 WAKE_DEADLINE = 10.0
@@ -18,12 +19,8 @@ WAKE_DEADLINE = 10.0
 
 async def decisions_of(url: str, run_id: str) -> list[dict[str, Any]]:
     """The run's decision rows, read directly."""
-    engine = create_engine(url, pool_size=1)
-    try:
-        async with engine.connect() as connection:
-            return await repository.decisions_of_run(connection, run_id)
-    finally:
-        await engine.dispose()
+    async with admin_connection(url) as connection:
+        return await repository.decisions_of_run(connection, run_id)
 
 
 def decision(target_id: str, decision_id: str = "", action: str = "resume") -> dict[str, object]:

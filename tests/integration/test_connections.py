@@ -6,31 +6,24 @@ Server process ids tell connections apart: the same pid is the same connection.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from registry import RunRegistry
+from registry import DatabaseUnavailableError, RegistryClosedError, RunRegistry
 from registry.connections import ConnectionLane
-from registry.database import APPLICATION_NAME, UNREACHABLE, asyncpg_dsn, create_engine
-from registry.repository import driver
+from registry.database import APPLICATION_NAME, asyncpg_dsn
 from tests.helpers.database import session_pids
 
 
 @pytest.fixture
-async def engine(registry_database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(registry_database_url, pool_size=3)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
+def dsn(registry_database_url: str) -> str:
+    return asyncpg_dsn(registry_database_url)
 
 
 async def pid_of(lane: ConnectionLane) -> int:
-    async with lane.connection() as connection:
-        pid: int = await driver(connection).fetchval("SELECT pg_backend_pid()")
+    async with lane.autocommit() as connection:
+        pid: int = await connection.fetchval("SELECT pg_backend_pid()")
         return pid
 
 
@@ -39,35 +32,35 @@ async def sessions(url: str) -> list[int]:
     return await session_pids(url, APPLICATION_NAME)
 
 
-async def test_a_connection_serves_statement_after_statement(engine: AsyncEngine) -> None:
-    lane = ConnectionLane(engine, 3)
+async def test_a_connection_serves_statement_after_statement(dsn: str) -> None:
+    lane = ConnectionLane(dsn, 3)
     try:
         first = await pid_of(lane)
         assert [await pid_of(lane) for _ in range(5)] == [first] * 5
         # a statement error is the statement's, not the connection's
         with pytest.raises(asyncpg.DivisionByZeroError):
-            async with lane.connection() as connection:
-                await driver(connection).fetchval("SELECT 1 / 0")
+            async with lane.autocommit() as connection:
+                await connection.fetchval("SELECT 1 / 0")
         assert await pid_of(lane) == first
     finally:
         await lane.close()
 
 
 async def test_concurrent_callers_get_distinct_connections_up_to_the_size(
-    engine: AsyncEngine, registry_database_url: str
+    dsn: str, registry_database_url: str
 ) -> None:
-    lane = ConnectionLane(engine, 2)
+    lane = ConnectionLane(dsn, 2)
     inside = 0
     most = 0
     pids: set[int] = set()
 
     async def hold() -> None:
         nonlocal inside, most
-        async with lane.connection() as connection:
+        async with lane.autocommit() as connection:
             inside += 1
             most = max(most, inside)
-            pids.add(await driver(connection).fetchval("SELECT pg_backend_pid()"))
-            await driver(connection).execute("SELECT pg_sleep(0.05)")
+            pids.add(await connection.fetchval("SELECT pg_backend_pid()"))
+            await connection.execute("SELECT pg_sleep(0.05)")
             inside -= 1
 
     try:
@@ -77,43 +70,42 @@ async def test_concurrent_callers_get_distinct_connections_up_to_the_size(
         assert await sessions(registry_database_url) == sorted(pids)
     finally:
         await lane.close()
-    await engine.dispose()
     assert await sessions(registry_database_url) == []
 
 
-async def test_a_transaction_commits_or_rolls_back_whole(engine: AsyncEngine) -> None:
-    lane = ConnectionLane(engine, 1)
+async def test_a_transaction_commits_or_rolls_back_whole(dsn: str) -> None:
+    lane = ConnectionLane(dsn, 1)
     try:
-        async with lane.connection() as connection:
-            await driver(connection).execute("CREATE TEMP TABLE t (n int)")
-        async with lane.connection(transaction=True) as connection:
-            await driver(connection).execute("INSERT INTO t VALUES (1)")
+        async with lane.autocommit() as connection:
+            await connection.execute("CREATE TEMP TABLE t (n int)")
+        async with lane.transaction() as connection:
+            await connection.execute("INSERT INTO t VALUES (1)")
 
         async def fail_half_way() -> None:
-            async with lane.connection(transaction=True) as connection:
-                await driver(connection).execute("INSERT INTO t VALUES (2)")
+            async with lane.transaction() as connection:
+                await connection.execute("INSERT INTO t VALUES (2)")
                 raise RuntimeError("half way")
 
         with pytest.raises(RuntimeError, match="half way"):
             await fail_half_way()
-        async with lane.connection() as connection:
-            rows = await driver(connection).fetch("SELECT n FROM t ORDER BY n")
+        async with lane.autocommit() as connection:
+            rows = await connection.fetch("SELECT n FROM t ORDER BY n")
             assert [row["n"] for row in rows] == [1]
             # autocommit again after the transaction: nothing is left open
-            assert not driver(connection).is_in_transaction()
+            assert not connection.is_in_transaction()
     finally:
         await lane.close()
 
 
 async def test_a_terminated_connection_and_its_idle_siblings_are_replaced(
-    engine: AsyncEngine, registry_database_url: str
+    dsn: str, registry_database_url: str
 ) -> None:
-    lane = ConnectionLane(engine, 3)
+    lane = ConnectionLane(dsn, 3)
     try:
         # two connections in the lane, both idle now
         async def hold() -> int:
-            async with lane.connection() as connection:
-                pid: int = await driver(connection).fetchval("SELECT pg_backend_pid()")
+            async with lane.autocommit() as connection:
+                pid: int = await connection.fetchval("SELECT pg_backend_pid()")
                 await asyncio.sleep(0.05)
                 return pid
 
@@ -128,7 +120,7 @@ async def test_a_terminated_connection_and_its_idle_siblings_are_replaced(
         # the first caller may still find a dead connection (its socket's EOF not yet seen)
         try:
             first = await pid_of(lane)
-        except UNREACHABLE:
+        except DatabaseUnavailableError:
             first = await pid_of(lane)
         assert first not in before
         assert await pid_of(lane) == first
@@ -137,15 +129,15 @@ async def test_a_terminated_connection_and_its_idle_siblings_are_replaced(
 
 
 async def test_a_cancelled_statement_does_not_leave_its_connection_in_use(
-    engine: AsyncEngine,
+    dsn: str,
 ) -> None:
-    lane = ConnectionLane(engine, 1)
+    lane = ConnectionLane(dsn, 1)
     try:
         first = await pid_of(lane)
 
         async def sleep_long() -> None:
-            async with lane.connection() as connection:
-                await driver(connection).execute("SELECT pg_sleep(30)")
+            async with lane.autocommit() as connection:
+                await connection.execute("SELECT pg_sleep(30)")
 
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(sleep_long(), 0.1)
@@ -166,3 +158,27 @@ async def test_closing_a_registry_leaves_no_session(
     await registry.close()
     await run_registry.close()
     assert await sessions(registry_database_url) == []
+
+
+async def test_a_closed_lane_refuses_and_closes_what_comes_back(
+    dsn: str, registry_database_url: str
+) -> None:
+    lane = ConnectionLane(dsn, 2)
+    async with lane.autocommit() as connection:
+        await lane.close()
+        # a statement already under way finishes; its connection is not kept
+        assert await connection.fetchval("SELECT 1") == 1
+    assert connection.is_closed()
+    with pytest.raises(RegistryClosedError):
+        await pid_of(lane)
+    assert await sessions(registry_database_url) == []
+
+
+async def test_an_unreachable_server_is_one_typed_error() -> None:
+    # nothing listens on port 1: the driver's refusal leaves as DatabaseUnavailableError
+    lane = ConnectionLane("postgresql://nobody@127.0.0.1:1/none", 1, connect_timeout=5)
+    try:
+        with pytest.raises(DatabaseUnavailableError, match="cannot reach the database"):
+            await pid_of(lane)
+    finally:
+        await lane.close()

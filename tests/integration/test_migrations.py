@@ -15,7 +15,8 @@ from sqlalchemy.engine import Connection
 
 import registry
 from registry import RunRegistry, SchemaNotReadyError
-from registry.database import asyncpg_dsn, create_engine, head_revision
+from registry.database import asyncpg_dsn, create_engine
+from registry.schema import head_revision
 from registry.tables import metadata
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,0 +1,162 @@
+"""A run's decisions as a queue: claim, deliver in forward order, acknowledge.
+
+:class:`DecisionQueue` runs the claim and the ack on the connection lane; :class:`DecisionInbox`
+is what a run iterates (the seed's ``bind_decision_tx`` receiver plus ``pending_decisions``):
+queued decisions first, then new ones as notifications wake it, until the run ends. Delivery is
+at least once: a decision claimed but not acknowledged is claimed again by the next inbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from types import TracebackType
+from typing import Self
+
+from registry import repository
+from registry.connections import ConnectionLane
+from registry.errors import InvalidInputError
+from registry.models import DecisionDelivery
+from registry.watch import RunWatch
+
+logger = logging.getLogger(__name__)
+
+
+class DecisionQueue:
+    """Claims and acknowledgements of decisions, for every inbox of one registry.
+
+    ``batch``: decisions claimed per round trip. ``max_attempts``: a decision delivered this
+    many times without an ack is dropped as dead-lettered. ``max_delay``: the longest pause
+    between retries while the database is unavailable (claims wait through an outage).
+    """
+
+    def __init__(
+        self, lane: ConnectionLane, *, batch: int, max_attempts: int, max_delay: float
+    ) -> None:
+        self._lane = lane
+        self.batch = batch
+        self._max_attempts = max_attempts
+        self._max_delay = max_delay
+
+    async def claim(self, run_id: str, after: int) -> repository.Claim:
+        """Claim the run's next decisions after ``after`` (and any pending below it).
+
+        Repeatable: a claim that committed unseen is claimed again (one more attempt counted).
+        """
+        claim = await self._lane.retry_until_available(
+            lambda connection: repository.claim_decisions(
+                connection,
+                run_id,
+                after=after,
+                limit=self.batch,
+                max_attempts=self._max_attempts,
+            ),
+            max_delay=self._max_delay,
+        )
+        if claim.dead_lettered:
+            logger.warning(
+                "dead-lettered %d decisions of run %s after %d delivery attempts",
+                claim.dead_lettered,
+                run_id,
+                self._max_attempts,
+                extra={"run_id": run_id},
+            )
+        return claim
+
+    async def ack(self, delivery: DecisionDelivery) -> bool:
+        """Mark ``delivery`` acknowledged; ``False`` if it was not awaiting an ack."""
+        async with self._lane.autocommit() as connection:
+            return await repository.ack_decision(connection, delivery.run_id, delivery.delivery_id)
+
+
+class DecisionInbox:
+    """The run's queue of decisions: an async iterator of :class:`DecisionDelivery`.
+
+    It first yields the decisions queued before it was opened, then new ones as they arrive,
+    in forward order, and ends when the run ends. Acknowledge each decision once applied with
+    :meth:`ack`; an unacknowledged decision is delivered again when an inbox is next opened
+    for the run (after a crash, in another process), with ``attempts`` counting deliveries.
+    """
+
+    def __init__(self, queue: DecisionQueue, watch: RunWatch) -> None:
+        self._queue = queue
+        self._watch = watch
+        self._wakeup = asyncio.Event()
+        self._wakeup.set()
+        self._buffer: collections.deque[DecisionDelivery] = collections.deque()
+        self._after = 0
+        self._closed = False
+        watch.inboxes.add(self)
+
+    def wake(self) -> None:
+        """Look at the table again (called by notifications and the safety-net re-check)."""
+        self._wakeup.set()
+
+    @property
+    def run_id(self) -> str:
+        """The run whose decisions this inbox delivers."""
+        return self._watch.run_id
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> DecisionDelivery:
+        while True:
+            if self._buffer:
+                return self._buffer.popleft()
+            if self._closed:
+                raise StopAsyncIteration
+            ended = self._watch.ended.is_set()
+            if not ended and not self._wakeup.is_set():
+                # the last claim emptied the queue: claim again only when told to
+                await self._wakeup.wait()
+                continue
+            # clear before reading: a wake-up that lands during the read is kept for the next wait
+            self._wakeup.clear()
+            claim = await self._queue.claim(self.run_id, self._after)
+            if claim.deliveries or claim.dead_lettered:
+                # a late commit can bring a decision below the cursor: the cursor never moves back
+                self._after = max(self._after, claim.examined)
+                self._buffer.extend(claim.deliveries)
+                if claim.full:
+                    self._wakeup.set()  # a full batch: more may be queued behind it
+                continue
+            if ended:
+                self._closed = True
+                raise StopAsyncIteration
+
+    def position(self) -> int:
+        """The delivery id of the newest decision this inbox has claimed."""
+        return self._after
+
+    async def ack(self, delivery: DecisionDelivery) -> bool:
+        """Record that ``delivery`` was applied; it will not be delivered again.
+
+        Returns ``False`` if it was already acknowledged or dropped (for example because the
+        run was superseded). Idempotent. Raises :class:`InvalidInputError` for a delivery of
+        another run.
+        """
+        if delivery.run_id != self.run_id:
+            raise InvalidInputError(
+                "delivery", f"belongs to run {delivery.run_id!r}, not {self.run_id!r}"
+            )
+        return await self._queue.ack(delivery)
+
+    async def aclose(self) -> None:
+        """Stop iterating. Decisions claimed but not acknowledged will be delivered again."""
+        self._closed = True
+        self._buffer.clear()
+        self._watch.inboxes.discard(self)
+        self._wakeup.set()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()

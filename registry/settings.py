@@ -1,0 +1,73 @@
+"""Tunables of a registry: :class:`RegistrySettings`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from registry.errors import InvalidInputError
+from registry.notifications import MAX_INLINE_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrySettings:
+    """Tunables of a :class:`RunRegistry`; the defaults suit an agent server.
+
+    ``safety_interval``: seconds between re-reads of the tables for every waiting token and
+    inbox, so a lost notification costs at most this much latency, never correctness.
+    ``health_interval``: seconds between round trips that check the LISTEN connection.
+    ``max_decisions_per_forward``: larger forwards raise :class:`TooManyDecisionsError`.
+    ``max_result_bytes``: largest JSON-encoded ``result`` of one decision.
+    ``lease_seconds``: how long a run's owner claim lasts without renewal.
+    ``heartbeat_interval``: seconds between lease renewals of all runs this worker owns (one
+    statement each time); keep it well under ``lease_seconds``.
+    ``max_delivery_attempts``: a decision delivered this many times without an ack is dropped
+    as dead-lettered instead of being delivered again.
+    ``pool_size``: query connections this registry keeps open at most.
+    ``inbox_batch``: how many decisions an inbox claims per round trip.
+    ``max_chunk_bytes``: largest stream chunk; larger raises :class:`InvalidInputError`.
+    ``stream_notify_window``: seconds during which one run's chunk notifications from this
+    process are coalesced into one (a NOTIFY takes a database-wide lock at commit).
+    ``inline_chunk_bytes``: chunks up to this size travel inside their notification.
+    ``subscriber_buffer``: inline chunks a subscriber holds before it reads the table instead.
+    ``stream_read_batch``: chunks a subscriber reads per round trip.
+    """
+
+    safety_interval: float = 1.0
+    health_interval: float = 2.0
+    max_decisions_per_forward: int = 1000
+    max_result_bytes: int = 1_048_576
+    lease_seconds: float = 15.0
+    heartbeat_interval: float = 5.0
+    max_delivery_attempts: int = 5
+    pool_size: int = 10
+    inbox_batch: int = 100
+    max_chunk_bytes: int = 1_048_576
+    stream_notify_window: float = 0.005
+    inline_chunk_bytes: int = 3000
+    subscriber_buffer: int = 1024
+    stream_read_batch: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("safety_interval", "health_interval", "lease_seconds", "heartbeat_interval"):
+            if not getattr(self, name) > 0:
+                raise InvalidInputError(name, "must be a positive number of seconds")
+        if not self.stream_notify_window >= 0:
+            raise InvalidInputError("stream_notify_window", "must not be negative")
+        for name in (
+            "max_decisions_per_forward",
+            "max_result_bytes",
+            "pool_size",
+            "inbox_batch",
+            "max_chunk_bytes",
+            "subscriber_buffer",
+            "stream_read_batch",
+            "max_delivery_attempts",
+        ):
+            if not getattr(self, name) >= 1:
+                raise InvalidInputError(name, "must be at least 1")
+        if self.heartbeat_interval >= self.lease_seconds:
+            raise InvalidInputError("heartbeat_interval", "must be shorter than lease_seconds")
+        if not 0 <= self.inline_chunk_bytes <= MAX_INLINE_BYTES:
+            raise InvalidInputError(
+                "inline_chunk_bytes", f"must be between 0 and {MAX_INLINE_BYTES}"
+            )

@@ -1,0 +1,169 @@
+"""The notification wire format: encode and parse, refusal of malformed payloads, size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from registry.models import MAX_ID_LENGTH
+from registry.notifications import (
+    MAX_INLINE_BYTES,
+    ChunkPublished,
+    NotificationKind,
+    RunChanged,
+    encode,
+    parse,
+)
+
+#: PostgreSQL refuses a NOTIFY payload of 8000 bytes or more.
+NOTIFY_PAYLOAD_LIMIT = 8000
+
+RUN_CHANGED_KINDS = [kind for kind in NotificationKind if kind is not NotificationKind.CHUNK]
+AWKWARD_RUN_ID = 'rün "quoted" \\ back\tslash 🚀 \u2028 end'
+
+# run ids as storable by check_id: no NUL, no lone surrogates, 1..255 characters
+run_ids = st.text(
+    alphabet=st.characters(exclude_characters="\x00", exclude_categories=["Cs"]),
+    min_size=1,
+    max_size=MAX_ID_LENGTH,
+)
+# the autouse loop-error fixture of the suite is harmless to these pure, synchronous tests
+pure = settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+
+
+@pytest.mark.parametrize("kind", RUN_CHANGED_KINDS)
+@pytest.mark.parametrize("run_id", ["run-1", AWKWARD_RUN_ID])
+def test_run_changed_round_trip(kind: NotificationKind, run_id: str) -> None:
+    payload = encode(RunChanged(kind, run_id))
+    assert json.loads(payload) == {"kind": kind.value, "id": run_id}
+    assert parse(payload) == RunChanged(kind, run_id)
+
+
+def test_every_kind_but_chunk_is_a_run_changed() -> None:
+    # guards the parametrization above: a new kind must be covered by the round trip
+    assert set(RUN_CHANGED_KINDS) | {NotificationKind.CHUNK} == set(NotificationKind)
+    assert len(RUN_CHANGED_KINDS) == 4
+
+
+@pytest.mark.parametrize(
+    "data",
+    [None, b"", b"hello", bytes(range(256)), b"\x00\xff\x00", "é🚀".encode()],
+    ids=["none", "empty", "ascii", "all-bytes", "nul-bytes", "utf8"],
+)
+@pytest.mark.parametrize("run_id", ["run-1", AWKWARD_RUN_ID])
+def test_chunk_round_trip(data: bytes | None, run_id: str) -> None:
+    notification = ChunkPublished(run_id, 42, data)
+    payload = encode(notification)
+    fields = json.loads(payload)
+    assert fields["kind"] == "chunk"
+    assert fields["id"] == run_id
+    assert fields["seq"] == 42
+    assert (fields["data"] is None) == (data is None)
+    parsed = parse(payload)
+    assert parsed == notification
+    assert isinstance(parsed, ChunkPublished)
+    assert parsed.data == data  # b"" stays b"", not None
+
+
+def test_chunk_data_defaults_to_none() -> None:
+    assert parse(encode(ChunkPublished("r", 1))) == ChunkPublished("r", 1, None)
+    assert parse('{"kind":"chunk","id":"r","seq":1}') == ChunkPublished("r", 1, None)
+
+
+def test_parse_reads_the_json_build_object_formatting() -> None:
+    # the statements in ``repository`` build payloads with PostgreSQL's json_build_object,
+    # which puts spaces around the separators
+    assert parse('{"kind" : "cancel", "id" : "r"}') == RunChanged(NotificationKind.CANCEL, "r")
+    assert parse('{"kind" : "chunk", "id" : "r", "seq" : 7, "data" : "AAE="}') == (
+        ChunkPublished("r", 7, b"\x00\x01")
+    )
+    assert parse('{"kind" : "chunk", "id" : "r", "seq" : 7, "data" : null}') == (
+        ChunkPublished("r", 7, None)
+    )
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("not json", id="not-json"),
+        pytest.param('{"kind":"cancel","id":"r"', id="truncated"),
+        pytest.param("[1, 2]", id="array"),
+        pytest.param('["cancel", "r"]', id="array-of-strings"),
+        pytest.param('"cancel"', id="string"),
+        pytest.param("42", id="number"),
+        pytest.param("null", id="null"),
+        pytest.param('{"kind":"nope","id":"r"}', id="unknown-kind"),
+        pytest.param('{"kind":"CANCEL","id":"r"}', id="kind-wrong-case"),
+        pytest.param('{"kind":null,"id":"r"}', id="null-kind"),
+        pytest.param('{"kind":["cancel"],"id":"r"}', id="list-kind"),
+        pytest.param('{"id":"r"}', id="missing-kind"),
+        pytest.param('{"kind":"cancel"}', id="missing-id"),
+        pytest.param('{"kind":"cancel","id":7}', id="int-id"),
+        pytest.param('{"kind":"cancel","id":null}', id="null-id"),
+        pytest.param('{"kind":"decision","id":["r"]}', id="list-id"),
+        pytest.param('{"kind":"chunk","id":5,"seq":1}', id="chunk-int-id"),
+        pytest.param('{"kind":"chunk","id":"r"}', id="chunk-without-seq"),
+        pytest.param('{"kind":"chunk","id":"r","data":null}', id="chunk-without-seq-data"),
+        pytest.param('{"kind":"chunk","id":"r","seq":"3"}', id="string-seq"),
+        pytest.param('{"kind":"chunk","id":"r","seq":3.0}', id="float-seq"),
+        pytest.param('{"kind":"chunk","id":"r","seq":null}', id="null-seq"),
+        pytest.param('{"kind":"chunk","id":"r","seq":true}', id="bool-seq-true"),
+        pytest.param('{"kind":"chunk","id":"r","seq":false}', id="bool-seq-false"),
+        pytest.param('{"kind":"chunk","id":"r","seq":1,"data":"not base64!"}', id="bad-b64"),
+        pytest.param('{"kind":"chunk","id":"r","seq":1,"data":"AAA"}', id="bad-padding"),
+        pytest.param('{"kind":"chunk","id":"r","seq":1,"data":"AA\\nAA=="}', id="b64-newline"),
+        pytest.param('{"kind":"chunk","id":"r","seq":1,"data":"é"}', id="non-ascii-data"),
+        pytest.param('{"kind":"chunk","id":"r","seq":1,"data":5}', id="int-data"),
+        pytest.param('{"kind":"chunk","id":"r","seq":1,"data":["AA=="]}', id="list-data"),
+    ],
+)
+def test_parse_refuses_malformed_payloads(payload: str) -> None:
+    assert parse(payload) is None
+
+
+def test_encode_refuses_a_chunk_run_changed() -> None:
+    with pytest.raises(ValueError, match="ChunkPublished"):
+        encode(RunChanged(NotificationKind.CHUNK, "r"))
+
+
+@pytest.mark.parametrize(
+    "run_id",
+    [
+        pytest.param("r" * MAX_ID_LENGTH, id="ascii"),
+        pytest.param("🚀" * MAX_ID_LENGTH, id="four-byte-utf8"),
+        pytest.param("\x01" * MAX_ID_LENGTH, id="escaped-control"),
+        pytest.param('"' * MAX_ID_LENGTH, id="quotes"),
+        pytest.param("\\" * MAX_ID_LENGTH, id="backslashes"),
+    ],
+)
+def test_largest_inline_chunk_fits_a_notify_payload(run_id: str) -> None:
+    notification = ChunkPublished(run_id, 2**63 - 1, bytes(range(256)) * (MAX_INLINE_BYTES // 256))
+    assert notification.data is not None
+    assert len(notification.data) == MAX_INLINE_BYTES
+    payload = encode(notification)
+    assert len(payload.encode("utf-8")) < NOTIFY_PAYLOAD_LIMIT
+    assert parse(payload) == notification
+
+
+@pure
+@given(
+    run_id=run_ids,
+    seq=st.integers(min_value=0, max_value=2**63 - 1),
+    data=st.none() | st.binary(max_size=MAX_INLINE_BYTES),
+)
+def test_chunk_round_trip_property(run_id: str, seq: int, data: bytes | None) -> None:
+    notification = ChunkPublished(run_id, seq, data)
+    payload = encode(notification)
+    assert len(payload.encode("utf-8")) < NOTIFY_PAYLOAD_LIMIT
+    assert parse(payload) == notification
+
+
+@pure
+@given(run_id=run_ids, kind=st.sampled_from(RUN_CHANGED_KINDS))
+def test_run_changed_round_trip_property(run_id: str, kind: NotificationKind) -> None:
+    notification = RunChanged(kind, run_id)
+    assert parse(encode(notification)) == notification
