@@ -45,7 +45,7 @@ from registry.settings import RegistrySettings
 from registry.streams import ChunkPublisher, SharedChunkReader, StreamSubscription
 from registry.tables import ONE_ACTIVE_RUN_PER_THREAD, RUN_ID_TAKEN
 from registry.upkeep import LeaseKeeper, SafetyNet
-from registry.watch import Dispatcher, RunWatch
+from registry.watch import Dispatcher
 
 _T = TypeVar("_T")
 
@@ -184,10 +184,6 @@ class RunRegistry:
     def listener(self) -> Listener | None:
         """The LISTEN connection's supervisor (``None`` when connected with ``listen=False``)."""
         return self._listener
-
-    def watch(self, run_id: str) -> RunWatch:
-        """This process's watch of ``run_id`` (shared by its handles, tokens and inboxes)."""
-        return self._dispatcher.watch(run_id)
 
     def _handle(self, record: RunRecord) -> RunHandle:
         return RunHandle(self._parts, record)
@@ -426,7 +422,7 @@ class RunRegistry:
         check_id("run_id", run_id)
         check_after_seq(after_seq)
         # interest is registered (the watch) before the read, so nothing slips in between
-        watch = self.watch(run_id)
+        watch = self._dispatcher.watch(run_id)
         state = await self._retry_once(
             lambda connection: repository.stream_state(connection, run_id)
         )
