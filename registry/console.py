@@ -25,6 +25,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from registry.embedded import EmbeddedStatus
 from registry.errors import InvalidInputError
 from registry.models import RunRecord, RunStatus, StreamChunk, ToolCallDecision
 
@@ -187,6 +188,37 @@ def counts_table(title: str, counts: Mapping[str, int]) -> Table:
     for status, count in counts.items():
         table.add_row(status, str(count))
     return table
+
+
+def embedded_overview(status: EmbeddedStatus) -> Table:
+    """The embedded server's state, data directory, version and URL, for people."""
+    overview = overview_grid()
+    if status.running:
+        state = f"running (pid {status.pid}, since {format_time(status.started_at)})"
+    elif status.initialized:
+        state = "stopped"
+    else:
+        state = "not created yet (any command without a database URL creates it)"
+    overview.add_row("embedded PostgreSQL", state)
+    overview.add_row("data", str(status.data_dir))
+    if status.version is not None:
+        overview.add_row("version", f"PostgreSQL {status.version}")
+    if status.url is not None:
+        overview.add_row("url", status.url)
+    return overview
+
+
+def embedded_json(status: EmbeddedStatus) -> dict[str, Any]:
+    """The embedded server's state as JSON for programs (``started_at`` as ISO 8601)."""
+    return {
+        "data_dir": str(status.data_dir),
+        "initialized": status.initialized,
+        "running": status.running,
+        "pid": status.pid,
+        "url": status.url,
+        "started_at": status.started_at,
+        "postgres_version": status.version,
+    }
 
 
 def decision_state(row: Mapping[str, Any]) -> str:

@@ -7,13 +7,17 @@ through the registry's public calls, the decision queue and the chunk publisher.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
+from registry import repository
+from registry.connections import ConnectionLane
+from registry.database import translate_errors
 from registry.inbox import DecisionInbox, DecisionQueue
+from registry.listener import Listener
 from registry.models import RunRecord, check_chunks
-from registry.streams import ChunkPublisher
-from registry.upkeep import SafetyNet
+from registry.settings import RegistrySettings
+from registry.streams import ChunkPublisher, SharedChunkReader
+from registry.upkeep import LeaseKeeper, SafetyNet
 from registry.watch import Dispatcher, RunWatch
 
 
@@ -27,16 +31,83 @@ class RunCalls(Protocol):
     async def bind_thread_run_stream_fanout(self, run_id: str) -> bool: ...
 
 
-@dataclass(frozen=True, slots=True)
 class RunParts:
-    """What handles and tokens of one registry share: its calls and the parts they use."""
+    """What handles and tokens of one registry share, and the registry's background work.
 
-    calls: RunCalls
-    dispatcher: Dispatcher
-    decisions: DecisionQueue
-    publisher: ChunkPublisher
-    safety_net: SafetyNet
-    max_chunk_bytes: int
+    Built from the settings over the registry's connection lane: the dispatcher of
+    notifications, the decision queue, the chunk publisher and shared chunk reader, the lease
+    keeper, the safety net, and (after ``start(listen=True)``) the LISTEN supervisor.
+    """
+
+    def __init__(
+        self,
+        calls: RunCalls,
+        lane: ConnectionLane,
+        *,
+        dsn: str,
+        worker_id: str,
+        settings: RegistrySettings,
+    ) -> None:
+        self.calls = calls
+        self.max_chunk_bytes = settings.max_chunk_bytes
+        self.dispatcher = Dispatcher()
+        self.decisions = DecisionQueue(
+            lane,
+            batch=settings.inbox_batch,
+            max_attempts=settings.max_delivery_attempts,
+            max_delay=settings.safety_interval,
+        )
+        self.publisher = ChunkPublisher(
+            lane, window=settings.stream_notify_window, inline_limit=settings.inline_chunk_bytes
+        )
+        self.reader = SharedChunkReader(
+            lane,
+            self.dispatcher,
+            batch=settings.stream_read_batch,
+            max_delay=settings.safety_interval,
+        )
+        self.leases = LeaseKeeper(
+            lane,
+            worker_id,
+            lease_seconds=settings.lease_seconds,
+            heartbeat_interval=settings.heartbeat_interval,
+        )
+        self.safety_net = SafetyNet(lane, self.dispatcher, interval=settings.safety_interval)
+        self.listener: Listener | None = None
+        self._dsn = dsn
+        self._health_interval = settings.health_interval
+
+    async def start(self, *, listen: bool) -> None:
+        """Start listening (unless ``listen=False``) and the safety net.
+
+        Raises :class:`DatabaseUnavailableError` if the LISTEN connection fails.
+        """
+        if listen and self.listener is None:
+            self.listener = Listener(
+                self._dsn,
+                self.dispatcher.apply,
+                self._on_reconnect,
+                probe=repository.health_probe,
+                health_interval=self._health_interval,
+            )
+            with translate_errors():
+                await self.listener.start()
+        self.safety_net.start()
+
+    def _on_reconnect(self) -> None:
+        # notifications sent while the listener was away are lost: everyone reads the tables
+        self.dispatcher.wake_streams()
+        self.safety_net.recheck_soon()
+
+    async def stop(self) -> None:
+        """Flush pending wake-ups, release the leases, stop the background tasks and the
+        listener, and end every open inbox. The connection lane stays open."""
+        await self.publisher.stop()
+        await self.leases.stop()
+        await self.safety_net.stop()
+        if self.listener is not None:
+            await self.listener.stop()
+        self.dispatcher.wake_inboxes()
 
 
 class RunCancellationToken:

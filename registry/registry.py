@@ -12,48 +12,35 @@ from __future__ import annotations
 
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import datetime, timedelta
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from collections.abc import Mapping, Sequence
 
 from registry import repository
-from registry.connections import ConnectionLane
-from registry.database import DriverConnection, asyncpg_dsn, constraint_name, translate_errors
+from registry.database import asyncpg_dsn, constraint_name
 from registry.errors import (
-    InvalidInputError,
-    RegistryClosedError,
     RunAlreadyExistsError,
 )
 from registry.handle import RunHandle, RunParts
-from registry.inbox import DecisionQueue
+from registry.inspection import RegistryInspector
 from registry.listener import Listener
 from registry.models import (
     ForwardedDecision,
     RunRecord,
-    RunStatus,
-    StreamChunk,
     ToolCallDecision,
     check_after_seq,
     check_count,
     check_decision_batch,
     check_id,
 )
-from registry.notifications import NotificationKind
 from registry.schema import check_schema
 from registry.settings import RegistrySettings
-from registry.streams import ChunkPublisher, SharedChunkReader, StreamSubscription
+from registry.streams import StreamSubscription
 from registry.tables import ONE_ACTIVE_RUN_PER_THREAD, RUN_ID_TAKEN
-from registry.upkeep import LeaseKeeper, SafetyNet
-from registry.watch import Dispatcher
-
-_T = TypeVar("_T")
 
 # how often register retries after losing a race on the one-active-run index
 _REGISTER_ATTEMPTS = 5
 
 
-class RunRegistry:
+class RunRegistry(RegistryInspector):
     """The durable, cross-process registry of active runs. Use one per process.
 
     Open with ``await RunRegistry.connect(url)`` (or ``async with await ...connect(url)``).
@@ -65,45 +52,9 @@ class RunRegistry:
 
     def __init__(self, *, dsn: str, worker_id: str, settings: RegistrySettings) -> None:
         """Prefer :meth:`connect`, which checks the schema and starts the listener."""
+        super().__init__(dsn=dsn, settings=settings)
         self.worker_id = worker_id
-        self.settings = settings
-        self._dsn = dsn
-        self._lane = ConnectionLane(dsn, settings.pool_size)
-        self._dispatcher = Dispatcher()
-        self._leases = LeaseKeeper(
-            self._lane,
-            worker_id,
-            lease_seconds=settings.lease_seconds,
-            heartbeat_interval=settings.heartbeat_interval,
-        )
-        self._safety_net = SafetyNet(
-            self._lane, self._dispatcher, interval=settings.safety_interval
-        )
-        self._reader = SharedChunkReader(
-            self._lane,
-            self._dispatcher,
-            batch=settings.stream_read_batch,
-            max_delay=settings.safety_interval,
-        )
-        self._parts = RunParts(
-            self,
-            self._dispatcher,
-            DecisionQueue(
-                self._lane,
-                batch=settings.inbox_batch,
-                max_attempts=settings.max_delivery_attempts,
-                max_delay=settings.safety_interval,
-            ),
-            ChunkPublisher(
-                self._lane,
-                window=settings.stream_notify_window,
-                inline_limit=settings.inline_chunk_bytes,
-            ),
-            self._safety_net,
-            settings.max_chunk_bytes,
-        )
-        self._listener: Listener | None = None
-        self._closed = False
+        self._parts = RunParts(self, self._lane, dsn=dsn, worker_id=worker_id, settings=settings)
 
     @classmethod
     async def connect(
@@ -138,59 +89,24 @@ class RunRegistry:
     async def start(self, *, listen: bool = True) -> None:
         """Start listening (unless ``listen=False``) and the safety net; :meth:`connect`
         calls it. Raises :class:`DatabaseUnavailableError` if the LISTEN connection fails."""
-        if listen and self._listener is None:
-            self._listener = Listener(
-                self._dsn,
-                self._dispatcher.apply,
-                self._on_reconnect,
-                probe=repository.health_probe,
-                health_interval=self.settings.health_interval,
-            )
-            with translate_errors():
-                await self._listener.start()
-        self._safety_net.start()
-
-    def _on_reconnect(self) -> None:
-        # notifications sent while the listener was away are lost: everyone reads the tables
-        self._dispatcher.wake_streams()
-        self._safety_net.recheck_soon()
+        await self._parts.start(listen=listen)
 
     async def close(self) -> None:
-        """Flush pending wake-ups, release this worker's leases, stop listening, and close
-        every connection. Idempotent."""
+        """Flush pending wake-ups, release this worker's leases, stop listening, end every
+        open inbox, and close every connection. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        await self._parts.publisher.stop()
-        await self._leases.stop()
-        await self._safety_net.stop()
-        if self._listener is not None:
-            await self._listener.stop()
-        self._dispatcher.wake_inboxes()
+        await self._parts.stop()
         await self._lane.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     @property
     def listener(self) -> Listener | None:
         """The LISTEN connection's supervisor (``None`` when connected with ``listen=False``)."""
-        return self._listener
+        return self._parts.listener
 
     def _handle(self, record: RunRecord) -> RunHandle:
         return RunHandle(self._parts, record)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RegistryClosedError()
 
     # --- the seed's API ----------------------------------------------------------------------
 
@@ -209,22 +125,13 @@ class RunRegistry:
         for attempt in range(1, _REGISTER_ATTEMPTS + 1):
             try:
                 async with self._lane.transaction() as connection:
-                    # the thread lock makes a concurrent register wait, then supersede
-                    await repository.lock_thread(connection, thread_id)
-                    old = await repository.supersede_active_run(connection, thread_id, run_id)
-                    if old is not None:
-                        reason = f"run {old} superseded by run {run_id}"
-                        kind = NotificationKind.SUPERSEDED
-                        await repository.drop_open_decisions_and_notify(
-                            connection, old, reason, kind
-                        )
-                    record = await repository.insert_run(
+                    record = await repository.register_run(
                         connection,
                         run_id=run_id,
                         thread_id=thread_id,
                         agent_id=agent_id,
                         owner_id=self.worker_id,
-                        lease=self._leases.lease,
+                        lease=self._parts.leases.lease,
                     )
             except Exception as exc:
                 name = constraint_name(exc)
@@ -233,7 +140,7 @@ class RunRegistry:
                 if name != ONE_ACTIVE_RUN_PER_THREAD or attempt == _REGISTER_ATTEMPTS:
                     raise
                 continue
-            self._leases.start()
+            self._parts.leases.start()
             return self._handle(record)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -245,15 +152,8 @@ class RunRegistry:
         With ``agent_id``, ``None`` also when another agent owns the run (the check the
         seed's by-thread forwards make), so a caller acting for an agent sees only its runs.
         """
-        check_id("thread_id", thread_id)
-        if agent_id is not None:
-            check_id("agent_id", agent_id)
-        record = await self._retry_once(
-            lambda connection: repository.active_run_by_thread(connection, thread_id)
-        )
-        if record is None or (agent_id is not None and record.agent_id != agent_id):
-            return None
-        return self._handle(record)
+        record = await self._active_run_of_thread(thread_id, agent_id)
+        return None if record is None else self._handle(record)
 
     async def handle_by_run_id(self, run_id: str) -> RunHandle | None:
         """The handle of the run ``run_id`` if it is active, else ``None``."""
@@ -272,21 +172,23 @@ class RunRegistry:
         check_id("run_id", run_id)
         self._check_open()
         async with self._lane.transaction() as connection:
-            ended = await repository.end_run(connection, run_id)
-            if ended:
-                await repository.drop_open_decisions_and_notify(
-                    connection, run_id, f"run {run_id} ended", NotificationKind.ENDED
-                )
-        return ended
+            return await repository.end_run(connection, run_id)
 
     async def active_run_id_for_thread(self, agent_id: str, thread_id: str) -> str | None:
         """The thread's active run id if ``agent_id`` owns it, else ``None``."""
         check_id("agent_id", agent_id)
+        record = await self._active_run_of_thread(thread_id, agent_id)
+        return None if record is None else record.run_id
+
+    async def _active_run_of_thread(self, thread_id: str, agent_id: str | None) -> RunRecord | None:
+        # the seed's ownership check: another agent's run is no run at all
         check_id("thread_id", thread_id)
+        if agent_id is not None:
+            check_id("agent_id", agent_id)
         record = await self._retry_once(
             lambda connection: repository.active_run_by_thread(connection, thread_id)
         )
-        return None if record is None or record.agent_id != agent_id else record.run_id
+        return None if record is None or agent_id not in (None, record.agent_id) else record
 
     async def forward_decisions_by_thread(
         self,
@@ -371,8 +273,10 @@ class RunRegistry:
         """
         self._check_open()
         async with self._lane.autocommit() as connection:
-            records = await repository.resume_owned(connection, self.worker_id, self._leases.lease)
-        self._leases.start()
+            records = await repository.resume_owned(
+                connection, self.worker_id, self._parts.leases.lease
+            )
+        self._parts.leases.start()
         return [self._handle(record) for record in records]
 
     async def adopt_orphaned_runs(self, limit: int = 100) -> list[RunHandle]:
@@ -384,10 +288,10 @@ class RunRegistry:
         """
         check_count("limit", limit, minimum=1)
         self._check_open()
-        lease = self._leases.lease
+        lease = self._parts.leases.lease
         async with self._lane.autocommit() as connection:
             records = await repository.adopt_orphans(connection, self.worker_id, lease, limit)
-        self._leases.start()
+        self._parts.leases.start()
         return [self._handle(record) for record in records]
 
     async def sweep_cancelled_orphans(self) -> list[str]:
@@ -398,7 +302,7 @@ class RunRegistry:
         from a maintenance job if none does.
         """
         self._check_open()
-        return await self._leases.sweep_cancelled_orphans()
+        return await self._parts.leases.sweep_cancelled_orphans()
 
     # --- streams -----------------------------------------------------------------------------
 
@@ -422,7 +326,7 @@ class RunRegistry:
         check_id("run_id", run_id)
         check_after_seq(after_seq)
         # interest is registered (the watch) before the read, so nothing slips in between
-        watch = self._dispatcher.watch(run_id)
+        watch = self._parts.dispatcher.watch(run_id)
         state = await self._retry_once(
             lambda connection: repository.stream_state(connection, run_id)
         )
@@ -431,110 +335,8 @@ class RunRegistry:
         watch.apply(state.status, cancel_requested=state.cancel_requested)
         start = state.stream_seq if after_seq is None else after_seq
         return StreamSubscription(
-            self._reader.read,
+            self._parts.reader.read,
             watch,
             after_seq=start,
             buffer_limit=self.settings.subscriber_buffer,
         )
-
-    async def prune(self, older_than: timedelta) -> int:
-        """Delete the stream chunks of runs that ended more than ``older_than`` ago.
-
-        Returns how many chunks were deleted. Active runs' streams and decisions (the audit
-        trail) are never touched; a pruned stream can no longer be subscribed to.
-        """
-        if not isinstance(older_than, timedelta) or older_than < timedelta(0):
-            raise InvalidInputError("older_than", "must be a non-negative timedelta")
-        self._check_open()
-        async with self._lane.autocommit() as connection:
-            return await repository.prune_streams(connection, older_than)
-
-    # --- inspection (read-only; for operators, the CLI and the demo) -------------------------
-
-    async def run(self, run_id: str) -> RunRecord | None:
-        """The row of ``run_id`` in any status (active or history), or ``None``."""
-        check_id("run_id", run_id)
-        return await self._retry_once(lambda connection: repository.run_by_id(connection, run_id))
-
-    async def run_details(self, run_id: str) -> dict[str, Any] | None:
-        """Every column of the run's row plus ``stored_chunks`` (``stream_seq`` is the newest
-        chunk's seq, ``None`` when it has no stream or it was pruned); ``None`` if no such run."""
-        check_id("run_id", run_id)
-        return await self._retry_once(lambda connection: repository.run_details(connection, run_id))
-
-    async def list_runs(
-        self,
-        *,
-        thread_id: str | None = None,
-        agent_id: str | None = None,
-        status: RunStatus | None = None,
-        limit: int = 50,
-    ) -> list[RunRecord]:
-        """Runs in any status matching every filter given, newest first, at most ``limit``."""
-        for field, value in (("thread_id", thread_id), ("agent_id", agent_id)):
-            if value is not None:
-                check_id(field, value)
-        if status is not None and not isinstance(status, RunStatus):
-            raise InvalidInputError("status", "expected a RunStatus")
-        check_count("limit", limit, minimum=1)
-        return await self._retry_once(
-            lambda connection: repository.list_runs(
-                connection, thread_id=thread_id, agent_id=agent_id, status=status, limit=limit
-            )
-        )
-
-    async def status_counts(self) -> dict[str, dict[str, int]]:
-        """Rows per status, every status present: ``{"runs": {...}, "decisions": {...}}``."""
-        return await self._retry_once(repository.status_counts)
-
-    async def decisions_of_run(self, run_id: str) -> list[dict[str, Any]]:
-        """Every decision row of a run in forward order, ``result`` decoded (the audit trail)."""
-        check_id("run_id", run_id)
-        return await self._retry_once(
-            lambda connection: repository.decisions_of_run(connection, run_id)
-        )
-
-    async def audit_trail(
-        self,
-        *,
-        run_id: str | None = None,
-        thread_id: str | None = None,
-        agent_id: str | None = None,
-        since: datetime | None = None,
-        limit: int | None = None,
-    ) -> list[dict[str, Any]]:
-        """Rows of the ``decision_audit`` view matching every filter given, oldest first;
-        with ``limit``, only the newest ``limit``. Latencies are ``timedelta``."""
-        for field, value in (("run_id", run_id), ("thread_id", thread_id), ("agent_id", agent_id)):
-            if value is not None:
-                check_id(field, value)
-        if since is not None and not isinstance(since, datetime):
-            raise InvalidInputError("since", "expected a datetime")
-        if limit is not None:
-            check_count("limit", limit, minimum=1)
-        return await self._retry_once(
-            lambda connection: repository.audit_trail(
-                connection,
-                run_id=run_id,
-                thread_id=thread_id,
-                agent_id=agent_id,
-                since=since,
-                limit=limit,
-            )
-        )
-
-    async def read_chunks(
-        self, run_id: str, *, after: int = 0, limit: int = 1000
-    ) -> list[StreamChunk]:
-        """The run's stored chunks with seq > ``after``, in order, at most ``limit``."""
-        check_id("run_id", run_id)
-        check_count("after", after, minimum=0)
-        check_count("limit", limit, minimum=1)
-        return await self._retry_once(
-            lambda connection: repository.read_chunks(connection, run_id, after=after, limit=limit)
-        )
-
-    async def _retry_once(self, operation: Callable[[DriverConnection], Awaitable[_T]]) -> _T:
-        # repeatable reads: once more on a fresh connection after a server restart
-        self._check_open()
-        return await self._lane.retry_once(operation)

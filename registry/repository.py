@@ -69,15 +69,6 @@ async def lock_migrations(connection: DriverConnection) -> None:
 _LOCK_THREAD = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
 
 
-async def lock_thread(connection: DriverConnection, thread_id: str) -> None:
-    """Serialise registrations on one thread until the transaction ends.
-
-    Without it, two registers on a fresh thread both see no active run and one of them fails
-    on the unique index; with it, the second waits and then supersedes the first.
-    """
-    await connection.execute(_LOCK_THREAD, thread_id)
-
-
 _SUPERSEDE_ACTIVE = """
     UPDATE runs
        SET status = 'superseded', superseded_by = $2, end_reason = $3,
@@ -87,15 +78,6 @@ _SUPERSEDE_ACTIVE = """
 """
 
 
-async def supersede_active_run(
-    connection: DriverConnection, thread_id: str, new_run_id: str
-) -> str | None:
-    """Mark the thread's active run superseded by ``new_run_id``; return its id, if any."""
-    reason = f"superseded by run {new_run_id}"
-    old: str | None = await connection.fetchval(_SUPERSEDE_ACTIVE, thread_id, new_run_id, reason)
-    return old
-
-
 _INSERT_RUN = f"""
     INSERT INTO runs (run_id, thread_id, agent_id, owner_id, lease_expires_at)
     VALUES ($1, $2, $3, $4, now() + $5::interval)
@@ -103,7 +85,7 @@ _INSERT_RUN = f"""
 """
 
 
-async def insert_run(
+async def register_run(
     connection: DriverConnection,
     *,
     run_id: str,
@@ -112,7 +94,21 @@ async def insert_run(
     owner_id: str,
     lease: timedelta,
 ) -> RunRecord:
-    """Insert an active run owned by ``owner_id``; the primary key refuses a reused run id."""
+    """Make ``run_id`` the thread's active run, owned by ``owner_id``, inside the caller's
+    transaction; the run active before it (if any) is superseded and its open decisions are
+    dropped with a ``superseded`` notification.
+
+    The thread's advisory lock makes a concurrent register on the same thread wait, then
+    supersede (without it, both would see no active run and one would fail on the unique
+    index). The primary key refuses a reused run id.
+    """
+    await connection.execute(_LOCK_THREAD, thread_id)
+    reason = f"superseded by run {run_id}"
+    old: str | None = await connection.fetchval(_SUPERSEDE_ACTIVE, thread_id, run_id, reason)
+    if old is not None:
+        await drop_open_decisions_and_notify(
+            connection, old, f"run {old} superseded by run {run_id}", NotificationKind.SUPERSEDED
+        )
     row = await connection.fetchrow(_INSERT_RUN, run_id, thread_id, agent_id, owner_id, lease)
     assert row is not None  # INSERT ... RETURNING of one row
     return _run_record(row)
@@ -129,8 +125,14 @@ _END_RUN = """
 
 
 async def end_run(connection: DriverConnection, run_id: str) -> bool:
-    """Finish an active run: ``cancelled`` if a cancel was requested, else ``completed``."""
-    return await connection.fetchval(_END_RUN, run_id) is not None
+    """Finish an active run inside the caller's transaction: ``cancelled`` if a cancel was
+    requested, else ``completed``; its open decisions are dropped with an ``ended``
+    notification. ``False`` (nothing written) if the run was not active."""
+    if await connection.fetchval(_END_RUN, run_id) is None:
+        return False
+    reason = f"run {run_id} ended"
+    await drop_open_decisions_and_notify(connection, run_id, reason, NotificationKind.ENDED)
+    return True
 
 
 _ACTIVE_BY_THREAD = f"SELECT {_RUN_COLUMNS} FROM runs WHERE thread_id = $1 AND status = 'active'"

@@ -29,6 +29,7 @@ LAYERS = {
     "schema": 5,
     "watch": 5,
     "inbox": 6,
+    "inspection": 6,
     "locate": 6,
     "streams": 6,
     "upkeep": 6,
@@ -38,6 +39,7 @@ LAYERS = {
     "demo": 10,
     "testing": 10,
     "__init__": 11,
+    "cli_base": 11,
     "cli": 12,
 }
 
