@@ -5,8 +5,10 @@ holds a run or waits on it. Start with :meth:`RunRegistry.connect` after :func:`
 """
 
 from registry.errors import (
+    DatabaseError,
     DatabaseUnavailableError,
     InvalidInputError,
+    LeaseLostError,
     RegistryClosedError,
     RegistryError,
     RunAlreadyExistsError,
@@ -33,12 +35,14 @@ from registry.settings import RegistrySettings
 from registry.streams import StreamSubscription
 
 __all__ = [
+    "DatabaseError",
     "DatabaseUnavailableError",
     "DecisionDelivery",
     "DecisionInbox",
     "DecisionStatus",
     "ForwardedDecision",
     "InvalidInputError",
+    "LeaseLostError",
     "RegistryClosedError",
     "RegistryError",
     "RegistrySettings",

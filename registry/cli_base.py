@@ -20,10 +20,16 @@ from typing import Any, ParamSpec, TypeVar
 import click
 
 from registry.database import driver_error
-from registry.errors import DatabaseUnavailableError, InvalidInputError, RegistryError
+from registry.errors import (
+    DatabaseError,
+    DatabaseUnavailableError,
+    InvalidInputError,
+    RegistryError,
+)
 from registry.locate import DATABASE_URL_VARIABLE, DatabaseLocation, locate_database
 from registry.registry import RunRegistry
 from registry.schema import SchemaStatus, schema_status
+from registry.settings import RegistrySettings
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -176,12 +182,14 @@ async def answering(location: DatabaseLocation) -> AsyncIterator[None]:
         raise CommandError(f"the database at {where} did not answer within {timeout:g} s") from None
     except DatabaseUnavailableError as exc:
         raise CommandError(f"cannot reach the database at {where}: {cause(exc)}") from exc
+    except DatabaseError as exc:
+        # the server answered but would not have us: a password, a missing database
+        raise CommandError(f"the database at {where} refused: {cause(exc)}") from exc
     except RegistryError:
         raise
     except Exception as exc:
         if driver_error(exc) is None:
             raise
-        # the server answered but would not have us: a password, a missing database
         raise CommandError(f"the database at {where} refused: {cause(exc)}") from exc
 
 
@@ -190,8 +198,12 @@ async def connected_registry(
     location: DatabaseLocation, *, listen: bool = False
 ) -> AsyncIterator[RunRegistry]:
     """A registry connected to ``location`` (schema at head), closed at the end of the block."""
+    # each call of the command may take as long as the first contact may
+    settings = RegistrySettings(call_timeout=options().connect_timeout)
     async with answering(location):
-        registry = await RunRegistry.connect(location.url, worker_id=WORKER_ID, listen=listen)
+        registry = await RunRegistry.connect(
+            location.url, worker_id=WORKER_ID, listen=listen, settings=settings
+        )
     async with registry:
         yield registry
 

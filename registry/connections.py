@@ -10,8 +10,8 @@ The four ways in say what they do: :meth:`ConnectionLane.autocommit` (one statem
 PostgreSQL makes one transaction), :meth:`~ConnectionLane.transaction` (``BEGIN`` ... ``COMMIT``),
 :meth:`~ConnectionLane.retry_once` (a repeatable statement, once more on a fresh connection
 after the server went away) and :meth:`~ConnectionLane.retry_until_available` (waiters that
-sit out an outage). Errors that mean the server is unreachable leave as
-:class:`~registry.errors.DatabaseUnavailableError`; server errors leave as they are.
+sit out an outage and transient errors). Every error of the driver leaves as a
+:class:`~registry.errors.DatabaseError` chosen by its SQLSTATE (see ``database``).
 """
 
 from __future__ import annotations
@@ -23,13 +23,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from registry.database import (
+    POOLER_STATES,
+    RETIRE_STATES,
     DriverConnection,
     close_quietly,
     connect,
     connection_survives,
+    is_unavailable,
+    sqlstate,
     translate_errors,
 )
-from registry.errors import DatabaseUnavailableError, RegistryClosedError
+from registry.errors import DatabaseError, DatabaseUnavailableError, RegistryClosedError
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +43,32 @@ _T = TypeVar("_T")
 class ConnectionLane:
     """At most ``size`` driver connections to ``dsn``, each used by one caller at a time.
 
-    A caller that finds every connection busy waits for one. A connection on which the server
-    became unreachable is discarded, and so is every idle one (after a server restart or a
-    failover they are all dead); the next caller opens a fresh connection. A connection whose
-    caller was cancelled mid-statement is discarded too: its protocol state is unknown.
+    A caller that finds every connection busy waits for one. Every borrow has a deadline of
+    ``call_timeout`` seconds (waiting for a connection, connecting, and the statements): past
+    it the connection is discarded and :class:`~registry.errors.DatabaseUnavailableError`
+    raised, so a silent server (a half-open socket) never blocks a caller. A connection on
+    which the server became unreachable is discarded, and so is every idle one (after a server
+    restart or a failover they are all dead). A connection whose session answered with a state
+    that will not heal (a standby, a lost prepared statement) is retired alone. A connection
+    whose caller was cancelled mid-statement is terminated, its protocol state being unknown,
+    and the caller gets its ``CancelledError`` back, never a database error.
+    ``statement_cache_size`` is asyncpg's prepared statement cache (0 behind pgbouncer in
+    transaction mode).
     """
 
-    def __init__(self, dsn: str, size: int, *, connect_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        size: int,
+        *,
+        call_timeout: float = 5.0,
+        connect_timeout: float | None = None,
+        statement_cache_size: int = 100,
+    ) -> None:
         self._dsn = dsn
-        self._connect_timeout = connect_timeout
+        self._call_timeout = call_timeout
+        self._connect_timeout = call_timeout if connect_timeout is None else connect_timeout
+        self._statement_cache_size = statement_cache_size
         self._slots = asyncio.Semaphore(size)
         # last in, first out: the warmest connection is reused and the others may idle
         self._idle: list[DriverConnection] = []
@@ -67,7 +88,8 @@ class ConnectionLane:
         return self._borrow(transaction=True)
 
     async def retry_once(self, operation: Callable[[DriverConnection], Awaitable[_T]]) -> _T:
-        """Run a repeatable statement; once more on a fresh connection if the server went away.
+        """Run a repeatable statement; once more on a fresh connection if the server went away
+        or the session was retired.
 
         After a server restart every open connection is broken; the first failure discards
         them all, so the repeat connects anew.
@@ -75,7 +97,9 @@ class ConnectionLane:
         try:
             async with self.autocommit() as connection:
                 return await operation(connection)
-        except DatabaseUnavailableError:
+        except DatabaseError as exc:
+            if not (isinstance(exc, DatabaseUnavailableError) or exc.sqlstate in RETIRE_STATES):
+                raise
             logger.debug("retrying a repeatable statement on a fresh connection")
         async with self.autocommit() as connection:
             return await operation(connection)
@@ -83,51 +107,76 @@ class ConnectionLane:
     async def retry_until_available(
         self, operation: Callable[[DriverConnection], Awaitable[_T]], *, max_delay: float
     ) -> _T:
-        """Run a repeatable statement, retrying with backoff (up to ``max_delay`` seconds
-        apart) until the database answers; only :meth:`close` ends the wait, with
-        :class:`~registry.errors.RegistryClosedError`."""
+        """Run a repeatable statement, retrying transient errors (an outage, a timeout, a lock
+        or statement timeout, too many connections) with backoff up to ``max_delay`` seconds
+        apart; only :meth:`close` ends the wait, with
+        :class:`~registry.errors.RegistryClosedError`. Errors a retry would repeat (a
+        permission, a missing table) are raised."""
         delay = 0.05
         while True:
             try:
                 return await self.retry_once(operation)
-            except DatabaseUnavailableError as exc:
-                logger.warning("database unavailable (%s); retrying in %.2fs", exc, delay)
+            except DatabaseError as exc:
+                if not exc.is_transient:
+                    raise
+                logger.warning("database error (%s); retrying in %.2fs", exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, max_delay)
 
     async def close(self) -> None:
-        """Close every idle connection; borrowed ones close when given back. Idempotent."""
+        """Close every idle connection; borrowed ones close when given back. Idempotent.
+
+        Bounded in time: a connection whose server does not answer the polite close within
+        a second is terminated.
+        """
         self._closed = True
         idle, self._idle = self._idle, []
-        for connection in idle:
-            await close_quietly(connection)
+        # side by side, each terminated if cancelled meanwhile
+        await asyncio.gather(*(close_quietly(connection, grace=1.0) for connection in idle))
 
     @contextlib.asynccontextmanager
     async def _borrow(self, *, transaction: bool) -> AsyncIterator[DriverConnection]:
         if self._closed:
             raise RegistryClosedError()
-        with translate_errors():
-            async with self._slots:
-                connection = await self._take()
-                reusable = False
-                try:
-                    if transaction:
-                        async with connection.transaction():
-                            yield connection
-                    else:
-                        yield connection
-                    reusable = True
-                except Exception as exc:
-                    reusable = connection_survives(exc)
-                    if not reusable:
-                        self._discard_idle()
-                    raise
-                finally:
-                    # a cancelled statement (BaseException) may leave the protocol mid-reply
-                    if reusable and not self._closed and not connection.is_closed():
-                        self._idle.append(connection)
-                    else:
-                        connection.terminate()
+        connection: DriverConnection | None = None
+        reusable = False
+        deadline = asyncio.timeout(self._call_timeout)
+        try:
+            async with deadline:
+                with translate_errors():
+                    async with self._slots:
+                        connection = await self._take()
+                        try:
+                            if transaction:
+                                async with _Transaction(connection):
+                                    yield connection
+                            else:
+                                yield connection
+                            reusable = True
+                        except Exception as exc:
+                            if not connection_survives(exc):
+                                if is_unavailable(exc):
+                                    self._discard_idle()
+                                elif sqlstate(exc) in POOLER_STATES:
+                                    self._stop_caching_statements()
+                            else:
+                                reusable = True
+                            raise
+                        finally:
+                            self._give_back(connection, reusable=reusable)
+        except TimeoutError as exc:
+            if not deadline.expired():
+                raise
+            raise DatabaseUnavailableError(
+                f"the database did not answer within {self._call_timeout:g} s"
+            ) from exc
+
+    def _give_back(self, connection: DriverConnection, *, reusable: bool) -> None:
+        # a cancelled statement (BaseException) may leave the protocol mid-reply: terminate
+        if reusable and not self._closed and not connection.is_closed():
+            self._idle.append(connection)
+        else:
+            connection.terminate()
 
     async def _take(self) -> DriverConnection:
         while self._idle:
@@ -136,9 +185,82 @@ class ConnectionLane:
                 return connection
         if self._closed:
             raise RegistryClosedError()
-        return await connect(self._dsn, connect_timeout=self._connect_timeout)
+        # The connect runs in a task of its own that the caller's cancellation (or deadline)
+        # does not reach: asyncpg cancelled mid-handshake leaves a future whose exception
+        # nobody retrieves. A connection that arrives after its caller left joins the idle ones.
+        opening = asyncio.ensure_future(
+            connect(
+                self._dsn,
+                connect_timeout=self._connect_timeout,
+                statement_cache_size=self._statement_cache_size,
+            )
+        )
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(self._opened_late)
+            raise
+
+    def _opened_late(self, opening: asyncio.Future[DriverConnection]) -> None:
+        if opening.cancelled() or opening.exception() is not None:
+            return  # the exception is retrieved, and nobody waits for it
+        connection = opening.result()
+        if self._closed:
+            connection.terminate()
+        else:
+            self._idle.append(connection)
 
     def _discard_idle(self) -> None:
         idle, self._idle = self._idle, []
         for connection in idle:
             connection.terminate()
+
+    def _stop_caching_statements(self) -> None:
+        # a prepared statement vanished between two statements of one session: a pooler in
+        # transaction mode hands each transaction another server connection
+        if self._statement_cache_size:
+            logger.warning(
+                "prepared statements do not outlive a transaction on this database (pgbouncer "
+                "in transaction mode?); caching none from now on: set "
+                "RegistrySettings(statement_cache_size=0)"
+            )
+            self._statement_cache_size = 0
+        self._discard_idle()
+
+    def terminate(self) -> None:
+        """Close every idle connection at once, without a goodbye to the server; borrowed
+        ones are terminated when given back. Idempotent; for a shutdown that must not wait."""
+        self._closed = True
+        self._discard_idle()
+
+
+class _Transaction:
+    """``BEGIN`` ... ``COMMIT``, rolled back when the block raises an exception.
+
+    Unlike asyncpg's own, it never replaces the block's exception: when the block was
+    cancelled, or the rollback fails, the connection is left for the lane to terminate (the
+    server rolls back a transaction whose connection ends) and the original exception leaves.
+    """
+
+    __slots__ = ("_connection",)
+
+    def __init__(self, connection: DriverConnection) -> None:
+        self._connection = connection
+
+    async def __aenter__(self) -> None:
+        await self._connection.execute("BEGIN")
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: object,
+    ) -> None:
+        if exc is None:
+            await self._connection.execute("COMMIT")
+        elif isinstance(exc, Exception) and connection_survives(exc):
+            try:
+                await self._connection.execute("ROLLBACK")
+            except Exception:
+                self._connection.terminate()
+        # otherwise (cancelled, or the connection broke) the lane terminates the connection

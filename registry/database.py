@@ -8,6 +8,7 @@ SQLAlchemy error that means "the server is not there" becomes
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +24,12 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from registry.errors import DatabaseUnavailableError, InvalidInputError
+from registry.errors import (
+    DatabaseError,
+    DatabaseUnavailableError,
+    InvalidInputError,
+    RegistryError,
+)
 
 if TYPE_CHECKING:
     #: A driver connection, the one kind of connection statements run on.
@@ -74,12 +80,21 @@ def create_engine(url: str | URL, *, pool_size: int = 1, **kwargs: Any) -> Async
 
 
 async def connect(
-    dsn: str, *, application_name: str = APPLICATION_NAME, connect_timeout: float = 60.0
+    dsn: str,
+    *,
+    application_name: str = APPLICATION_NAME,
+    connect_timeout: float = 60.0,
+    statement_cache_size: int = 100,
 ) -> DriverConnection:
-    """Open one driver connection to ``dsn`` (raises the driver's errors; wrap the call in
-    :func:`translate_errors`)."""
+    """Open one driver connection to ``dsn`` within ``connect_timeout`` seconds (raises the
+    driver's errors; wrap the call in :func:`translate_errors`). ``statement_cache_size`` is
+    asyncpg's prepared statement cache; 0 makes every statement an unnamed one, which a pooler
+    in transaction mode can route."""
     connection: DriverConnection = await asyncpg.connect(
-        dsn, timeout=connect_timeout, server_settings={"application_name": application_name}
+        dsn,
+        timeout=connect_timeout,
+        statement_cache_size=statement_cache_size,
+        server_settings={"application_name": application_name},
     )
     return connection
 
@@ -101,13 +116,17 @@ async def admin_connection(
             await close_quietly(connection)
 
 
-async def close_quietly(connection: DriverConnection) -> None:
+async def close_quietly(connection: DriverConnection, *, grace: float = 5.0) -> None:
     """Close a driver connection politely, or terminate it if the server does not answer
-    within 5 seconds."""
+    within ``grace`` seconds; never raises but the caller's own cancellation (after which the
+    connection is terminated too)."""
     try:
-        await connection.close(timeout=5.0)
+        await connection.close(timeout=grace)
     except Exception:
         connection.terminate()
+    except asyncio.CancelledError:
+        connection.terminate()
+        raise
 
 
 async def driver_connection(connection: AsyncConnection) -> DriverConnection:
@@ -146,13 +165,34 @@ def sqlstate(exc: BaseException) -> str | None:
 
 
 #: SQLSTATEs that mean "the server is not there right now" besides class 08 (connection
-#: exception): 57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now.
-_UNAVAILABLE_STATES = ("57P01", "57P02", "57P03")
+#: exception): 57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now, 57P05 idle
+#: session timeout (PostgreSQL 14+).
+_UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
+
+#: SQLSTATE classes whose errors a later retry may not meet: 40 transaction rollback
+#: (serialization failure, deadlock), 53 insufficient resources (too many connections, disk full,
+#: out of memory), 58 system error (I/O on the server).
+_TRANSIENT_CLASSES = frozenset({"40", "53", "58"})
+#: Single transient SQLSTATEs: 55P03 lock not available (lock_timeout), 57014 query canceled
+#: (statement_timeout, a cancel request), 25006 read-only transaction (a standby after a
+#: failover), 26000 invalid statement name (a pooler moved the session), 0A000 a cached plan
+#: that must not change its result type (the schema changed under a prepared statement).
+_TRANSIENT_STATES = frozenset({"55P03", "57014", "25006", "26000", "42P05", "0A000"})
+
+#: SQLSTATEs after which the session itself is wrong, not the statement: the connection is
+#: retired so the next call gets a fresh one (to the new primary, a new pooled server, a fresh
+#: statement cache).
+RETIRE_STATES = frozenset({"25006", "26000", "42P05", "0A000"})
+
+#: SQLSTATEs that say prepared statements do not outlive a transaction (a pooler in
+#: transaction mode): 26000 invalid statement name, 42P05 duplicate prepared statement.
+POOLER_STATES = frozenset({"26000", "42P05"})
 
 #: Exceptions that mean the server could not be reached or the connection broke.
 UNREACHABLE: tuple[type[BaseException], ...] = (
     OSError,
     socket.gaierror,
+    TimeoutError,
     asyncpg.CannotConnectNowError,
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.InterfaceError,
@@ -170,35 +210,75 @@ def is_unavailable(exc: BaseException) -> bool:
     code = sqlstate(exc)
     if code is not None:
         return code.startswith("08") or code in _UNAVAILABLE_STATES
+    if isinstance(exc, asyncpg.DataError):  # a value the driver could not encode
+        return False
     return isinstance(exc, UNREACHABLE)
+
+
+def is_transient(code: str) -> bool:
+    """Whether an error with SQLSTATE ``code`` may not recur when the call is retried later."""
+    return (
+        code[:2] in _TRANSIENT_CLASSES
+        or code in _TRANSIENT_STATES
+        or code.startswith("08")
+        or code in _UNAVAILABLE_STATES
+    )
 
 
 def connection_survives(exc: BaseException) -> bool:
     """Whether a connection is still usable after ``exc`` escaped a block that used it.
 
-    A server answer with a SQLSTATE leaves the session fine (unless it says the server is going
-    away); a driver failure without an answer leaves the protocol state unknown; anything else
-    is the caller's own error, raised between statements.
+    A server answer with a SQLSTATE leaves the session fine unless it says the server is going
+    away or the session itself is wrong (a standby, a lost prepared statement); a driver failure
+    without an answer leaves the protocol state unknown; a :class:`RegistryError` or any other
+    exception is the caller's own, raised between statements.
     """
-    if sqlstate(exc) is not None:
-        return not is_unavailable(exc)
+    code = sqlstate(exc)
+    if code is not None:
+        return not is_unavailable(exc) and code not in RETIRE_STATES
+    if isinstance(exc, RegistryError):
+        return True
     return not isinstance(exc, (*UNREACHABLE, DBAPIError, asyncpg.PostgresError))
+
+
+def database_error(exc: BaseException) -> DatabaseError | None:
+    """The :class:`DatabaseError` a driver or SQLAlchemy error stands for, chosen by SQLSTATE
+    (``None`` when ``exc`` is neither, such as a programming error of ours)."""
+    if isinstance(exc, DatabaseError):
+        return exc
+    code = sqlstate(exc)
+    if is_unavailable(exc):
+        return DatabaseUnavailableError(
+            f"cannot reach the database: {_describe(exc)}", sqlstate=code
+        )
+    if code is not None:
+        return DatabaseError(
+            f"the database refused the statement: {_describe(exc)} (SQLSTATE {code})",
+            sqlstate=code,
+            is_transient=is_transient(code),
+        )
+    if isinstance(exc, (asyncpg.PostgresError, asyncpg.DataError, DBAPIError)):
+        return DatabaseError(f"database error: {_describe(exc)}")
+    return None
 
 
 @contextlib.contextmanager
 def translate_errors() -> Iterator[None]:
-    """Raise :class:`DatabaseUnavailableError` for any error that means the server cannot be
-    reached; let every other error through unchanged."""
+    """Raise the :class:`DatabaseError` a driver or SQLAlchemy error stands for (see
+    :func:`database_error`); let :class:`RegistryError`, cancellation and other exceptions
+    through unchanged."""
     try:
         yield
-    except DatabaseUnavailableError:
+    except RegistryError:
         raise
     except Exception as exc:
-        if is_unavailable(exc):
-            raise DatabaseUnavailableError(f"cannot reach the database: {_describe(exc)}") from exc
-        raise
+        error = database_error(exc)
+        if error is None:
+            raise
+        raise error from exc
 
 
 def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+    error = driver_error(exc) or exc
+    text = " ".join(str(error).split())
+    return text or type(error).__name__

@@ -52,8 +52,40 @@ class RegistryClosedError(RegistryError):
     """The registry was closed; open a new one with ``RunRegistry.connect``."""
 
 
-class DatabaseUnavailableError(RegistryError):
-    """The database could not be reached."""
+class DatabaseError(RegistryError):
+    """The database refused or failed a statement.
+
+    ``sqlstate`` is PostgreSQL's five-character error code when the server sent one (``None``
+    for a failure on our side of the socket). ``is_transient`` says whether the same call may
+    succeed if retried later: true for lock and statement timeouts (55P03, 57014), serialization
+    failures and deadlocks (class 40), exhausted resources such as too many connections (class
+    53), and everything :class:`DatabaseUnavailableError` covers; false for errors that a retry
+    repeats (a permission, a missing table). Nothing the call wrote is kept: its transaction
+    was rolled back.
+    """
+
+    sqlstate: str | None
+    is_transient: bool
+
+    def __init__(
+        self, message: str, *, sqlstate: str | None = None, is_transient: bool = False
+    ) -> None:
+        self.sqlstate = sqlstate
+        self.is_transient = is_transient
+        super().__init__(message)
+
+
+class DatabaseUnavailableError(DatabaseError):
+    """The database could not be reached, or did not answer within the call's deadline.
+
+    Always transient: connection failures (SQLSTATE class 08), a server shutting down or not
+    yet accepting connections (57P01, 57P02, 57P03), a broken or silent socket.
+    """
+
+    def __init__(self, message: str | None = None, *, sqlstate: str | None = None) -> None:
+        super().__init__(
+            message or "The database could not be reached.", sqlstate=sqlstate, is_transient=True
+        )
 
 
 class SchemaNotReadyError(RegistryError):
@@ -68,3 +100,15 @@ class StreamClosedError(RegistryError):
         super().__init__(
             f"the stream of run {run_id!r} is not open: bind it first, or the run has ended"
         )
+
+
+class LeaseLostError(RegistryError):
+    """This registry no longer owns the run: another registry resumed or adopted it.
+
+    Every change of owner moves the run's ownership epoch on; a claim, ack, publish or remove
+    made under an older epoch is refused in SQL and raises this. Stop working on the run.
+    """
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"run {run_id!r} is owned by another registry now (its lease was lost)")

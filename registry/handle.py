@@ -6,6 +6,8 @@ through the registry's public calls, the decision queue and the chunk publisher.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -19,6 +21,12 @@ from registry.settings import RegistrySettings
 from registry.streams import ChunkPublisher, SharedChunkReader
 from registry.upkeep import LeaseKeeper, SafetyNet
 from registry.watch import Dispatcher, RunWatch
+
+logger = logging.getLogger(__name__)
+
+# the connections' close of each closing registry, held until it ends: the event loop keeps
+# only weak references to tasks, and after a cancelled close() nobody awaits it
+_FINISHING: set[asyncio.Task[None]] = set()
 
 
 class RunCalls(Protocol):
@@ -37,6 +45,7 @@ class RunParts:
     Built from the settings over the registry's connection lane: the dispatcher of
     notifications, the decision queue, the chunk publisher and shared chunk reader, the lease
     keeper, the safety net, and (after ``start(listen=True)``) the LISTEN supervisor.
+    :meth:`close` ends them all and closes the lane.
     """
 
     def __init__(
@@ -74,8 +83,11 @@ class RunParts:
         )
         self.safety_net = SafetyNet(lane, self.dispatcher, interval=settings.safety_interval)
         self.listener: Listener | None = None
+        self._lane = lane
         self._dsn = dsn
         self._health_interval = settings.health_interval
+        self._close_timeout = settings.close_timeout
+        self._finishing: asyncio.Task[None] | None = None
 
     async def start(self, *, listen: bool) -> None:
         """Start listening (unless ``listen=False``) and the safety net.
@@ -99,22 +111,79 @@ class RunParts:
         self.dispatcher.wake_streams()
         self.safety_net.recheck_soon()
 
-    async def stop(self) -> None:
-        """Flush pending wake-ups, release the leases, stop the background tasks and the
-        listener, and end every open inbox. The connection lane stays open."""
-        await self.publisher.stop()
-        await self.leases.stop()
-        await self.safety_net.stop()
+    async def close(self) -> None:
+        """End every waiter, flush pending wake-ups, release the leases, stop the background
+        tasks and the listener, and close the connection lane.
+
+        Waiters raise :class:`RegistryClosedError` at once. Each goodbye to the server (the
+        last flush, the lease release) and each background round trip still in flight waits
+        at most ``close_timeout`` seconds, then is skipped (a goodbye with a warning). If the
+        caller is cancelled meanwhile, what is left is done without waiting for the server
+        (tasks cancelled, connections closed in the background) and ``CancelledError`` is
+        raised.
+        """
+        # first what needs no server, so that no cancel or silent server can stop it: every
+        # waiter ends now, and no new work starts (a background round trip in flight may
+        # finish: cut mid-statement, it would leave the driver a half-done exchange)
+        self.dispatcher.close()
+        self.reader.close()
+        self.leases.halt()
+        self.safety_net.halt()
+        try:
+            await self.publisher.stop(self._close_timeout)
+            await self.leases.stop(self._close_timeout)
+            await self.safety_net.stop(self._close_timeout)
+        except BaseException:
+            self.abort()
+            raise
+        # in a task of its own: a cancel of our caller must not interrupt it half way (an idle
+        # connection not yet closed would be left open), and Listener.stop awaits its
+        # supervisor in a way that would swallow that cancel
+        await asyncio.shield(self._finish_closing())
+
+    def abort(self) -> None:
+        """Close without waiting for anything (a cancelled close): waiters end, background tasks
+        are cancelled, and the listener and the lane close in a task of their own."""
+        self.dispatcher.close()
+        self.reader.close()
+        self.publisher.abort()
+        self.leases.abort()
+        self.safety_net.abort()
+        self._finish_closing()
+
+    def _finish_closing(self) -> asyncio.Task[None]:
+        # the listener's and the lane's close, started once
+        if self._finishing is None:
+            self._finishing = asyncio.create_task(
+                self._close_connections(), name="registry-close-connections"
+            )
+            _FINISHING.add(self._finishing)
+            self._finishing.add_done_callback(_finished)
+        return self._finishing
+
+    async def _close_connections(self) -> None:
+        # side by side: each waits on the server only up to its own bound, and not in turn
+        closes = [self._lane.close()]
         if self.listener is not None:
-            await self.listener.stop()
-        self.dispatcher.wake_inboxes()
+            closes.append(self.listener.stop())
+        for outcome in await asyncio.gather(*closes, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+
+def _finished(task: asyncio.Task[None]) -> None:
+    _FINISHING.discard(task)
+    # retrieved here too: after a cancelled close nobody awaits the task
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("closing the connections failed", exc_info=task.exception())
 
 
 class RunCancellationToken:
     """Trips when the run is cancelled or superseded, from whichever process asked.
 
     ``is_cancelled()`` reads local state kept current by notifications and by the safety-net
-    re-check; ``await wait()`` returns once it trips; ``await refresh()`` re-reads the row.
+    re-check (after the registry's close it still answers, from what it last saw);
+    ``await wait()`` returns once it trips; ``await refresh()`` re-reads the row.
     """
 
     __slots__ = ("_parts", "_watch")
@@ -133,8 +202,12 @@ class RunCancellationToken:
         return self._watch.cancelled.is_set()
 
     async def wait(self) -> None:
-        """Return once the run is cancelled or superseded."""
-        await self._watch.cancelled.wait()
+        """Return once the run is cancelled or superseded.
+
+        Raises :class:`RegistryClosedError` if the registry closes first, at once if it is
+        already closed (a token that had tripped before still returns).
+        """
+        await self._watch.wait_cancelled()
 
     async def cancel(self) -> bool:
         """Request cancellation of the run; ``False`` if it is no longer active."""

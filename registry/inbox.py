@@ -77,6 +77,9 @@ class DecisionInbox:
     in forward order, and ends when the run ends. Acknowledge each decision once applied with
     :meth:`ack`; an unacknowledged decision is delivered again when an inbox is next opened
     for the run (after a crash, in another process), with ``attempts`` counting deliveries.
+    Once the registry is closed, the next step raises :class:`RegistryClosedError` (a step
+    parked waiting for decisions raises it at once); decisions claimed but not yet yielded
+    are delivered again by the next inbox of the run.
     """
 
     def __init__(self, queue: DecisionQueue, watch: RunWatch) -> None:
@@ -103,10 +106,12 @@ class DecisionInbox:
 
     async def __anext__(self) -> DecisionDelivery:
         while True:
-            if self._buffer:
-                return self._buffer.popleft()
             if self._closed:
                 raise StopAsyncIteration
+            # a delivery yielded now could not be acknowledged: leave it for the next inbox
+            self._watch.closing.check()
+            if self._buffer:
+                return self._buffer.popleft()
             ended = self._watch.ended.is_set()
             if not ended and not self._wakeup.is_set():
                 # the last claim emptied the queue: claim again only when told to
@@ -114,7 +119,8 @@ class DecisionInbox:
                 continue
             # clear before reading: a wake-up that lands during the read is kept for the next wait
             self._wakeup.clear()
-            claim = await self._queue.claim(self.run_id, self._after)
+            # raced with close(): a claim in flight must not outlive the registry's connections
+            claim = await self._watch.closing.race(self._queue.claim(self.run_id, self._after))
             if claim.deliveries or claim.dead_lettered:
                 # a late commit can bring a decision below the cursor: the cursor never moves back
                 self._after = max(self._after, claim.examined)

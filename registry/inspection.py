@@ -35,7 +35,12 @@ class RegistryInspector:
     def __init__(self, *, dsn: str, settings: RegistrySettings) -> None:
         self.settings = settings
         self._dsn = dsn
-        self._lane = ConnectionLane(dsn, settings.pool_size)
+        self._lane = ConnectionLane(
+            dsn,
+            settings.pool_size,
+            call_timeout=settings.call_timeout,
+            statement_cache_size=settings.statement_cache_size,
+        )
         self._closed = False
 
     async def close(self) -> None:
@@ -62,6 +67,10 @@ class RegistryInspector:
         # repeatable reads: once more on a fresh connection after a server restart
         self._check_open()
         return await self._lane.retry_once(operation)
+
+    async def schema_revision(self) -> str | None:
+        """The Alembic revision the database is at, ``None`` before the first migration."""
+        return await self._retry_once(repository.schema_revision)
 
     async def run(self, run_id: str) -> RunRecord | None:
         """The row of ``run_id`` in any status (active or history), or ``None``."""

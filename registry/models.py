@@ -300,6 +300,8 @@ class RunRecord:
     updated_at: datetime
     ended_at: datetime | None
     end_reason: str | None
+    #: the fencing token of the owner this record was read under (see ``LeaseLostError``)
+    owner_epoch: int = 1
 
     @property
     def is_cancelled(self) -> bool:

@@ -31,7 +31,7 @@ from registry.models import (
     check_decision_batch,
     check_id,
 )
-from registry.schema import check_schema
+from registry.schema import check_revision
 from registry.settings import RegistrySettings
 from registry.streams import StreamSubscription
 from registry.tables import ONE_ACTIVE_RUN_PER_THREAD, RUN_ID_TAKEN
@@ -50,11 +50,21 @@ class RunRegistry(RegistryInspector):
     :class:`RegistryClosedError` after :meth:`close`.
     """
 
-    def __init__(self, *, dsn: str, worker_id: str, settings: RegistrySettings) -> None:
+    def __init__(
+        self,
+        *,
+        dsn: str,
+        worker_id: str,
+        settings: RegistrySettings,
+        listen_dsn: str | None = None,
+    ) -> None:
         """Prefer :meth:`connect`, which checks the schema and starts the listener."""
         super().__init__(dsn=dsn, settings=settings)
         self.worker_id = worker_id
-        self._parts = RunParts(self, self._lane, dsn=dsn, worker_id=worker_id, settings=settings)
+        listen_dsn = dsn if listen_dsn is None else listen_dsn
+        self._parts = RunParts(
+            self, self._lane, dsn=listen_dsn, worker_id=worker_id, settings=settings
+        )
 
     @classmethod
     async def connect(
@@ -64,22 +74,30 @@ class RunRegistry(RegistryInspector):
         worker_id: str | None = None,
         settings: RegistrySettings | None = None,
         listen: bool = True,
+        listen_url: str | None = None,
     ) -> RunRegistry:
         """Connect to the database at ``url``, check its schema, and start listening.
 
         ``worker_id`` names this process as the owner of the runs it registers; one is
         generated (and logged) if not given. ``listen=False`` skips the LISTEN connection
         for short-lived callers that never wait on tokens or inboxes (the safety-net re-check
-        alone then wakes them). Raises :class:`DatabaseUnavailableError` if the server does
-        not answer and :class:`SchemaNotReadyError` if migrations have not been run.
+        alone then wakes them). ``listen_url`` is where the LISTEN connection goes when it
+        must not follow ``url``: behind pgbouncer in transaction mode, give the server's own
+        address here (LISTEN needs a session of its own). Raises
+        :class:`DatabaseUnavailableError` if the server does not answer,
+        :class:`SchemaNotReadyError` if migrations have not been run, and
+        :class:`InvalidInputError` for a malformed URL or ``worker_id``.
         """
         settings = settings or RegistrySettings()
         if worker_id is None:
             worker_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
         check_id("worker_id", worker_id)
-        registry = cls(dsn=asyncpg_dsn(url), worker_id=worker_id, settings=settings)
+        listen_dsn = None if listen_url is None else asyncpg_dsn(listen_url)
+        registry = cls(
+            dsn=asyncpg_dsn(url), worker_id=worker_id, settings=settings, listen_dsn=listen_dsn
+        )
         try:
-            await check_schema(url)
+            check_revision(await registry.schema_revision())
             await registry.start(listen=listen)
         except BaseException:
             await registry.close()
@@ -92,13 +110,22 @@ class RunRegistry(RegistryInspector):
         await self._parts.start(listen=listen)
 
     async def close(self) -> None:
-        """Flush pending wake-ups, release this worker's leases, stop listening, end every
-        open inbox, and close every connection. Idempotent."""
+        """End every waiter, flush pending wake-ups, release this worker's leases, stop
+        listening, and close every connection. Idempotent.
+
+        Waiters of this registry (stream subscriptions, inboxes, ``token.wait()``) raise
+        :class:`RegistryClosedError` at once, and so does every later call (a token's
+        ``is_cancelled()`` still answers from what it last saw). Bounded in time whatever the
+        server does: the last flush and the lease release each get
+        ``settings.close_timeout`` seconds, then are skipped with a warning (leases then
+        expire on their own). Cancelling the task that runs ``close()`` cancels it: the
+        registry is closed all the same, without waiting for the server, and
+        ``CancelledError`` is raised.
+        """
         if self._closed:
             return
         self._closed = True
-        await self._parts.stop()
-        await self._lane.close()
+        await self._parts.close()
 
     @property
     def listener(self) -> Listener | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -37,7 +37,7 @@ MIGRATION_LOCK_KEY = 0x7265676973747279
 
 _RUN_COLUMNS = (
     "run_id, thread_id, agent_id, status, owner_id, cancel_requested_at, "
-    "created_at, updated_at, ended_at, end_reason"
+    "created_at, updated_at, ended_at, end_reason, owner_epoch"
 )
 
 
@@ -53,6 +53,7 @@ def _run_record(row: Row) -> RunRecord:
         updated_at=row["updated_at"],
         ended_at=row["ended_at"],
         end_reason=row["end_reason"],
+        owner_epoch=row["owner_epoch"],
     )
 
 
@@ -119,16 +120,17 @@ _END_RUN = """
        SET status = CASE WHEN cancel_requested_at IS NULL THEN 'completed' ELSE 'cancelled' END,
            end_reason = CASE WHEN cancel_requested_at IS NULL THEN 'removed' ELSE 'cancelled' END,
            ended_at = now(), updated_at = now(), lease_expires_at = NULL
-     WHERE run_id = $1 AND status = 'active'
+     WHERE run_id = $1 AND status = 'active' AND ($2::bigint IS NULL OR owner_epoch = $2)
     RETURNING run_id
 """
 
 
-async def end_run(connection: DriverConnection, run_id: str) -> bool:
+async def end_run(connection: DriverConnection, run_id: str, *, epoch: int | None = None) -> bool:
     """Finish an active run inside the caller's transaction: ``cancelled`` if a cancel was
     requested, else ``completed``; its open decisions are dropped with an ``ended``
-    notification. ``False`` (nothing written) if the run was not active."""
-    if await connection.fetchval(_END_RUN, run_id) is None:
+    notification. ``False`` (nothing written) if the run was not active, or, with ``epoch``,
+    is held under another owner epoch (tell the two apart with :func:`owner_epoch_of`)."""
+    if await connection.fetchval(_END_RUN, run_id, epoch) is None:
         return False
     reason = f"run {run_id} ended"
     await drop_open_decisions_and_notify(connection, run_id, reason, NotificationKind.ENDED)
@@ -250,6 +252,25 @@ async def request_cancel_by_thread(
 # --- ownership and recovery -------------------------------------------------------------------
 
 _RENEW_LEASES = """
+    UPDATE runs SET lease_expires_at = now() + $3::interval
+      FROM unnest($1::text[], $2::bigint[]) AS held(run_id, epoch)
+     WHERE runs.run_id = held.run_id AND runs.owner_epoch = held.epoch
+       AND runs.status = 'active'
+    RETURNING runs.run_id
+"""
+
+
+async def renew_held_leases(
+    connection: DriverConnection, held: Mapping[str, int], lease: timedelta
+) -> set[str]:
+    """Extend the lease of each run in ``held`` (run id to owner epoch) that is still active
+    under that epoch, in one statement; return the ids renewed. A run missing from the result
+    has ended, or another registry took it (see :func:`held_run_states`)."""
+    rows = await connection.fetch(_RENEW_LEASES, list(held), list(held.values()), lease)
+    return {row["run_id"] for row in rows}
+
+
+_RENEW_OWNER_LEASES = """
     UPDATE runs SET lease_expires_at = now() + $2::interval
      WHERE owner_id = $1 AND status = 'active'
     RETURNING run_id
@@ -258,36 +279,76 @@ _RENEW_LEASES = """
 
 async def renew_leases(connection: DriverConnection, owner_id: str, lease: timedelta) -> set[str]:
     """Extend the lease of every active run ``owner_id`` holds, in one statement."""
-    return {row["run_id"] for row in await connection.fetch(_RENEW_LEASES, owner_id, lease)}
+    return {row["run_id"] for row in await connection.fetch(_RENEW_OWNER_LEASES, owner_id, lease)}
 
 
-_RELEASE_LEASES = """
+_RELEASE_OWNER_LEASES = """
     UPDATE runs SET lease_expires_at = now() WHERE owner_id = $1 AND status = 'active'
 """
 
 
 async def release_leases(connection: DriverConnection, owner_id: str) -> None:
     """Let the runs of a worker that shuts down cleanly be adopted at once."""
-    await connection.execute(_RELEASE_LEASES, owner_id)
+    await connection.execute(_RELEASE_OWNER_LEASES, owner_id)
 
 
+_HELD_RUN_STATES = """
+    SELECT run_id, status, owner_epoch FROM runs WHERE run_id = ANY($1::text[])
+"""
+
+
+async def held_run_states(
+    connection: DriverConnection, run_ids: Sequence[str]
+) -> dict[str, tuple[RunStatus, int]]:
+    """Status and owner epoch of each run in ``run_ids`` that exists."""
+    rows = await connection.fetch(_HELD_RUN_STATES, list(run_ids))
+    return {row["run_id"]: (RunStatus(row["status"]), row["owner_epoch"]) for row in rows}
+
+
+_RELEASE_LEASES = """
+    UPDATE runs SET lease_expires_at = now()
+      FROM unnest($1::text[], $2::bigint[]) AS held(run_id, epoch)
+     WHERE runs.run_id = held.run_id AND runs.owner_epoch = held.epoch
+       AND runs.status = 'active'
+"""
+
+
+async def release_held_leases(connection: DriverConnection, held: Mapping[str, int]) -> None:
+    """Let the runs in ``held`` (run id to owner epoch) be adopted at once: a registry that
+    shuts down cleanly releases only what it holds, never another registry's runs of the same
+    worker id."""
+    await connection.execute(_RELEASE_LEASES, list(held), list(held.values()))
+
+
+# Resuming takes every active run of the worker id (a restarted process continues them), and
+# moves the epoch on for each one this registry does not already hold: a registry of the same
+# worker id still running (an overlapping deploy) is fenced off those runs.
 _RESUME_OWNED = f"""
-    UPDATE runs SET lease_expires_at = now() + $2::interval, updated_at = now()
+    UPDATE runs SET lease_expires_at = now() + $2::interval, updated_at = now(),
+           owner_epoch = owner_epoch + CASE
+               WHEN (run_id, owner_epoch) IN (SELECT * FROM unnest($3::text[], $4::bigint[]))
+               THEN 0 ELSE 1 END
      WHERE owner_id = $1 AND status = 'active'
     RETURNING {_RUN_COLUMNS}
 """
 
 
 async def resume_owned(
-    connection: DriverConnection, owner_id: str, lease: timedelta
+    connection: DriverConnection,
+    owner_id: str,
+    lease: timedelta,
+    held: Mapping[str, int] | None = None,
 ) -> list[RunRecord]:
-    """Renew and return the active runs ``owner_id`` holds, oldest first."""
-    rows = await connection.fetch(_RESUME_OWNED, owner_id, lease)
+    """Renew and return the active runs of ``owner_id``, oldest first; the owner epoch moves on
+    for each run not in ``held`` (run id to the epoch this registry holds it under)."""
+    held = held or {}
+    rows = await connection.fetch(_RESUME_OWNED, owner_id, lease, list(held), list(held.values()))
     return sorted((_run_record(row) for row in rows), key=lambda run: run.created_at)
 
 
 _ADOPT_ORPHANS = f"""
-    UPDATE runs SET owner_id = $1, updated_at = now(), lease_expires_at = now() + $2::interval
+    UPDATE runs SET owner_id = $1, updated_at = now(), lease_expires_at = now() + $2::interval,
+           owner_epoch = owner_epoch + 1
      WHERE run_id IN (
             SELECT run_id FROM runs
              WHERE status = 'active'
@@ -472,14 +533,20 @@ async def forward_by_thread(
     return _forward_result(row)
 
 
+# With an epoch, the claim first locks the run's row FOR KEY SHARE under that epoch: an
+# adopter's row lock (FOR UPDATE) makes it wait, and once the adoption commits the re-checked
+# row no longer matches, so nothing is claimed under a lost lease.
 _CLAIM_DECISIONS = """
-    WITH relaxed AS (
+    WITH owner AS (
+        SELECT 1 FROM runs WHERE run_id = $1 AND owner_epoch = $5 FOR KEY SHARE
+    ), relaxed AS (
         -- this statement's commit need not wait for the WAL flush: if a server crash loses
         -- the mark, the decision is simply delivered again, which at-least-once allows
         SELECT set_config('synchronous_commit', 'off', true)
     ), candidates AS (
         SELECT id, attempts FROM decisions
          WHERE run_id = $1 AND status IN ('pending', 'delivered')
+           AND ($5::bigint IS NULL OR EXISTS (SELECT 1 FROM owner))
            -- ids are drawn at insert, not at commit: a forward that commits after a later
            -- one has a lower id than this inbox's cursor, so pending rows are always taken
            AND (status = 'pending' OR id > $2)
@@ -500,9 +567,14 @@ _CLAIM_DECISIONS = """
         RETURNING id, run_id, decision_id, target_id, action, result::text AS result, reason,
                   decision_updated_at, attempts, received_at
     )
-    SELECT claimed.*, false AS dead FROM claimed, relaxed
+    SELECT claimed.*, false AS dead, true AS owned FROM claimed, relaxed
     UNION ALL
-    SELECT dead.id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true FROM dead, relaxed
+    SELECT dead.id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true, true
+      FROM dead, relaxed
+    UNION ALL
+    -- the one row that says the lease was lost: the epoch given is no longer the run's
+    SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, false
+     WHERE $5::bigint IS NOT NULL AND NOT EXISTS (SELECT 1 FROM owner)
 """
 
 
@@ -516,17 +588,29 @@ class Claim:
     dead_lettered: int
     #: whether the claim hit its limit (more may be waiting)
     full: bool
+    #: whether the run is held under another owner epoch now (nothing was claimed)
+    lease_lost: bool = False
 
 
 async def claim_decisions(
-    connection: DriverConnection, run_id: str, *, after: int, limit: int, max_attempts: int
+    connection: DriverConnection,
+    run_id: str,
+    *,
+    after: int,
+    limit: int,
+    max_attempts: int,
+    epoch: int | None = None,
 ) -> Claim:
     """Mark the run's next unacknowledged decisions (id > ``after``) delivered and return them.
 
     Each claim counts one delivery attempt; a decision already delivered ``max_attempts``
-    times is dropped as dead-lettered instead. Deliveries come in forward order.
+    times is dropped as dead-lettered instead. Deliveries come in forward order. With
+    ``epoch``, nothing is claimed unless the run is still held under that owner epoch
+    (``Claim.lease_lost`` says so).
     """
-    rows = await connection.fetch(_CLAIM_DECISIONS, run_id, after, limit, max_attempts)
+    rows = await connection.fetch(_CLAIM_DECISIONS, run_id, after, limit, max_attempts, epoch)
+    if rows and not rows[-1]["owned"]:
+        return Claim([], after, 0, full=False, lease_lost=True)
     deliveries: list[DecisionDelivery] = []
     examined = after
     dead = 0
@@ -556,15 +640,35 @@ async def claim_decisions(
 
 
 _ACK_DECISION = """
-    UPDATE decisions SET status = 'acked', acked_at = now()
-     WHERE id = $1 AND run_id = $2 AND status = 'delivered'
-    RETURNING id
+    WITH owner AS (
+        SELECT 1 FROM runs WHERE run_id = $2 AND owner_epoch = $3 FOR KEY SHARE
+    ), acked AS (
+        UPDATE decisions SET status = 'acked', acked_at = now()
+         WHERE id = $1 AND run_id = $2 AND status = 'delivered'
+           AND ($3::bigint IS NULL OR EXISTS (SELECT 1 FROM owner))
+        RETURNING id
+    )
+    SELECT EXISTS (SELECT 1 FROM acked) AS acked,
+           $3::bigint IS NULL OR EXISTS (SELECT 1 FROM owner) AS owned
 """
 
 
 async def ack_decision(connection: DriverConnection, run_id: str, delivery_id: int) -> bool:
     """Mark a delivered decision acknowledged; ``False`` if it was not awaiting an ack."""
-    return await connection.fetchval(_ACK_DECISION, delivery_id, run_id) is not None
+    return bool(await ack_held_decision(connection, run_id, delivery_id, epoch=None))
+
+
+async def ack_held_decision(
+    connection: DriverConnection, run_id: str, delivery_id: int, *, epoch: int | None
+) -> bool | None:
+    """Mark a delivered decision acknowledged; ``False`` if it was not awaiting an ack, and
+    ``None`` (nothing written) if, with ``epoch``, the run is held under another owner epoch
+    (locked as the claim locks it)."""
+    row = await connection.fetchrow(_ACK_DECISION, delivery_id, run_id, epoch)
+    assert row is not None  # a SELECT without FROM returns one row
+    if not row["owned"]:
+        return None
+    return bool(row["acked"])
 
 
 _OPEN_DECISION_HEADS = """
@@ -630,6 +734,7 @@ _APPEND_CHUNKS = """
         -- the row lock serialises publishers of one run, so seqs commit in order, gapless
         UPDATE runs SET stream_seq = stream_seq + $2::bigint
          WHERE run_id = $1 AND status = 'active' AND stream_seq IS NOT NULL
+           AND ($8::bigint IS NULL OR owner_epoch = $8)
         RETURNING run_id, stream_seq AS last_seq
     ), inserted AS (
         INSERT INTO stream_chunks (run_id, seq, data)
@@ -655,8 +760,11 @@ async def append_chunks(
     *,
     notify: bool,
     inline: str | None,
+    epoch: int | None = None,
 ) -> int | None:
-    """Append ``chunks`` to the run's open stream; return the last seq, ``None`` if closed.
+    """Append ``chunks`` to the run's open stream; return the last seq, ``None`` if closed
+    (or, with ``epoch``, if the run is held under another owner epoch: tell the two apart with
+    :func:`owner_epoch_of`).
 
     With ``notify``, a wake-up goes out at commit, carrying ``inline``
     (:func:`~registry.notifications.inline_data` of a single small chunk) when given.
@@ -670,8 +778,18 @@ async def append_chunks(
         NotificationKind.CHUNK.value,
         inline,
         notify,
+        epoch,
     )
     return None if last_seq is None else int(last_seq)
+
+
+_OWNER_EPOCH_OF = "SELECT owner_epoch FROM runs WHERE run_id = $1 AND status = 'active'"
+
+
+async def owner_epoch_of(connection: DriverConnection, run_id: str) -> int | None:
+    """The owner epoch of the active run ``run_id``, ``None`` if it is not active."""
+    epoch: int | None = await connection.fetchval(_OWNER_EPOCH_OF, run_id)
+    return epoch
 
 
 _NOTIFY = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
@@ -826,6 +944,19 @@ _HEALTH_PROBE = "SELECT 1"
 async def health_probe(connection: DriverConnection) -> None:
     """A round trip that a dead or half-open connection cannot complete (the listener's)."""
     await connection.fetchval(_HEALTH_PROBE)
+
+
+_HAS_VERSION_TABLE = "SELECT to_regclass('alembic_version') IS NOT NULL"
+_SCHEMA_REVISION = "SELECT version_num FROM alembic_version"
+
+
+async def schema_revision(connection: DriverConnection) -> str | None:
+    """The Alembic revision the database is at (``alembic_version`` on the search path), or
+    ``None`` before the first migration."""
+    if not await connection.fetchval(_HAS_VERSION_TABLE):
+        return None
+    revision: str | None = await connection.fetchval(_SCHEMA_REVISION)
+    return revision
 
 
 _SERVER_VERSION = "SELECT current_setting('server_version_num')::int"

@@ -107,7 +107,12 @@ async def current_revision(url: str | URL) -> str | None:
 async def check_schema(url: str | URL) -> None:
     """Raise :class:`~registry.errors.SchemaNotReadyError` unless the database is at head
     (and :class:`~registry.errors.DatabaseUnavailableError` if it cannot be reached)."""
-    revision, head = await current_revision(url), head_revision()
+    check_revision(await current_revision(url))
+
+
+def check_revision(revision: str | None) -> None:
+    """Raise :class:`~registry.errors.SchemaNotReadyError` unless ``revision`` is head."""
+    head = head_revision()
     if revision != head:
         raise SchemaNotReadyError(
             f"database schema is at {revision or 'no revision'}, this registry needs {head}; "

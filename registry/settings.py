@@ -30,6 +30,14 @@ class RegistrySettings:
     ``inline_chunk_bytes``: chunks up to this size travel inside their notification.
     ``subscriber_buffer``: inline chunks a subscriber holds before it reads the table instead.
     ``stream_read_batch``: chunks a subscriber reads per round trip.
+    ``call_timeout``: seconds each database call may take, waiting for a connection and
+    connecting included; past it the call raises :class:`DatabaseUnavailableError` (a server
+    that stopped answering, a half-open socket) and its connection is discarded.
+    ``close_timeout``: seconds :meth:`RunRegistry.close` spends on each goodbye to the server
+    (the last flush, the lease release) before it gives up on it and closes anyway.
+    ``statement_cache_size``: asyncpg's prepared statement cache per query connection; set 0
+    behind pgbouncer in ``pool_mode=transaction`` (unless it is 1.21+ with
+    ``max_prepared_statements`` set), so every statement is an unnamed one.
     """
 
     safety_interval: float = 1.0
@@ -46,9 +54,19 @@ class RegistrySettings:
     inline_chunk_bytes: int = 3000
     subscriber_buffer: int = 1024
     stream_read_batch: int = 1000
+    call_timeout: float = 5.0
+    close_timeout: float = 5.0
+    statement_cache_size: int = 100
 
     def __post_init__(self) -> None:
-        for name in ("safety_interval", "health_interval", "lease_seconds", "heartbeat_interval"):
+        for name in (
+            "safety_interval",
+            "health_interval",
+            "lease_seconds",
+            "heartbeat_interval",
+            "call_timeout",
+            "close_timeout",
+        ):
             if not getattr(self, name) > 0:
                 raise InvalidInputError(name, "must be a positive number of seconds")
         if not self.stream_notify_window >= 0:
@@ -65,6 +83,8 @@ class RegistrySettings:
         ):
             if not getattr(self, name) >= 1:
                 raise InvalidInputError(name, "must be at least 1")
+        if not self.statement_cache_size >= 0:
+            raise InvalidInputError("statement_cache_size", "must not be negative")
         if self.heartbeat_interval >= self.lease_seconds:
             raise InvalidInputError("heartbeat_interval", "must be shorter than lease_seconds")
         if not 0 <= self.inline_chunk_bytes <= MAX_INLINE_BYTES:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -26,15 +25,25 @@ from typing import Self
 
 from registry import repository
 from registry.connections import ConnectionLane
-from registry.errors import StreamClosedError
+from registry.errors import RegistryClosedError, StreamClosedError
 from registry.models import StreamChunk
 from registry.notifications import ChunkPublished, encode, inline_data
 from registry.watch import Dispatcher, RunWatch
 
 logger = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True, slots=True)
+class ChunkPage:
+    """One read of a run's stored chunks: ``chunks`` in order, and whether the read hit its
+    limit (``full``: more may be stored after the last of them, so read on at once)."""
+
+    chunks: list[StreamChunk]
+    full: bool
+
+
 #: Reads the run's stored chunks with seq greater than the second argument, in order.
-ChunkReader = Callable[[str, int], Awaitable[list[StreamChunk]]]
+ChunkReader = Callable[[str, int], Awaitable[ChunkPage]]
 
 
 class ChunkPublisher:
@@ -54,12 +63,16 @@ class ChunkPublisher:
         self._notified_at: dict[str, float] = {}
         self._pending: dict[str, int] = {}
         self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def publish(self, run_id: str, chunks: Sequence[bytes]) -> list[int]:
         """Append ``chunks`` (validated) in one transaction and return their sequence numbers.
 
-        Raises :class:`StreamClosedError` if the stream is not bound or the run has ended.
+        Raises :class:`StreamClosedError` if the stream is not bound or the run has ended,
+        :class:`RegistryClosedError` once the registry is closing.
         """
+        if self._closed:
+            raise RegistryClosedError()
         if not chunks:
             return []
         now = asyncio.get_running_loop().time()
@@ -78,16 +91,36 @@ class ChunkPublisher:
             self._notified_at[run_id] = now
         else:
             self._pending[run_id] = max(last_seq, self._pending.get(run_id, 0))
-            if self._flusher is None or self._flusher.done():
+            # a publish that was in flight when close() began: its subscribers elsewhere
+            # catch up at their safety re-check, as after a lost notification
+            if not self._closed and (self._flusher is None or self._flusher.done()):
                 self._flusher = asyncio.create_task(self._flush(), name="registry-chunk-notify")
         first = last_seq - len(chunks) + 1
         return list(range(first, last_seq + 1))
 
-    async def stop(self) -> None:
-        """Send what is pending rather than drop it: subscribers elsewhere wait on it."""
-        if self._flusher is not None and not self._flusher.done():
-            with contextlib.suppress(Exception):
-                await self._flusher
+    async def stop(self, grace: float) -> None:
+        """Refuse new publishes and send the pending wake-ups rather than drop them
+        (subscribers elsewhere wait on them), giving up after ``grace`` seconds."""
+        self._closed = True
+        flusher = self._flusher
+        if flusher is None or flusher.done():
+            return
+        # asyncio.wait, not awaiting the task: a cancel aimed at our caller must reach it
+        await asyncio.wait({flusher}, timeout=grace)
+        if not flusher.done():
+            flusher.cancel()
+            logger.warning(
+                "close: skipped the last chunk wake-ups of %d runs (no answer within %gs); "
+                "their subscribers catch up at their safety re-check",
+                len(self._pending),
+                grace,
+            )
+
+    def abort(self) -> None:
+        """Refuse new publishes and drop the pending wake-ups now (never blocks)."""
+        self._closed = True
+        if self._flusher is not None:
+            self._flusher.cancel()
 
     async def _flush(self) -> None:
         # one NOTIFY per run per window: later publishes in the window ride on this one, sent
@@ -109,6 +142,8 @@ class ChunkPublisher:
             try:
                 async with self._lane.autocommit() as connection:
                     await repository.notify(connection, payloads)
+            except RegistryClosedError:
+                return  # closed under us (a cancelled close): nothing to report
             except Exception:
                 # subscribers still catch up at their safety re-check; the rows are there
                 logger.warning("coalesced chunk notification failed", exc_info=True)
@@ -131,7 +166,8 @@ class SharedChunkReader:
     """Reads runs' stored chunks for this process's subscribers, one query per run at a time.
 
     ``batch``: chunks per round trip. Reads wait through a database outage (backoff up to
-    ``max_delay`` seconds) instead of failing their subscriber.
+    ``max_delay`` seconds) instead of failing their subscriber; the registry's close ends them
+    with :class:`RegistryClosedError`.
     """
 
     def __init__(
@@ -142,32 +178,50 @@ class SharedChunkReader:
         self.batch = batch
         self._max_delay = max_delay
         self._reads: dict[str, _SharedRead] = {}
+        self._in_flight: set[asyncio.Future[list[StreamChunk]]] = set()
 
-    async def read(self, run_id: str, after: int) -> list[StreamChunk]:
+    async def read(self, run_id: str, after: int) -> ChunkPage:
         """Up to ``batch`` of the run's chunks after ``after``, in order.
 
         Joins a read of the run already in flight when that one started after the wake-up
         that sent this caller here (so it has seen what the wake-up announced) and from a
-        position at or before ``after``.
+        position at or before ``after``. Raises :class:`RegistryClosedError` once the
+        registry has closed, at once even if the read is in flight.
         """
+        closing = self._dispatcher.closing
+        closing.check()
         watch = self._dispatcher.get(run_id)
         generation = 0 if watch is None else watch.chunk_generation
         shared = self._reads.get(run_id)
         if shared is not None and shared.after <= after and shared.generation >= generation:
-            chunks = await asyncio.shield(shared.result)
+            chunks = await closing.race(asyncio.shield(shared.result))
             wanted = [chunk for chunk in chunks if chunk.seq > after]
-            if wanted or len(chunks) < self.batch:
-                return wanted
+            full = len(chunks) >= self.batch
+            if wanted or not full:
+                # a full shared read may end before the table does: the caller reads on
+                return ChunkPage(wanted, full=full)
         read = asyncio.ensure_future(self._read_table(run_id, after))
+        self._in_flight.add(read)
         # retrieved even if every waiter was cancelled, so it is never "never retrieved"
-        read.add_done_callback(lambda done: done.cancelled() or done.exception())
+        read.add_done_callback(self._finished)
         mine = _SharedRead(after, generation, read)
         self._reads[run_id] = mine
         try:
-            return await asyncio.shield(read)
+            chunks = await closing.race(asyncio.shield(read))
         finally:
             if self._reads.get(run_id) is mine:
                 del self._reads[run_id]
+        return ChunkPage(chunks, full=len(chunks) >= self.batch)
+
+    def close(self) -> None:
+        """Cancel the reads in flight, so their connections go now (never blocks)."""
+        for read in list(self._in_flight):
+            read.cancel()
+
+    def _finished(self, read: asyncio.Future[list[StreamChunk]]) -> None:
+        self._in_flight.discard(read)
+        if not read.cancelled():
+            read.exception()
 
     async def _read_table(self, run_id: str, after: int) -> list[StreamChunk]:
         return await self._lane.retry_until_available(
@@ -183,7 +237,10 @@ class StreamSubscription:
 
     It yields every chunk with ``seq`` greater than its starting point exactly once, in order,
     first from the table (replay), then live. It ends after the last chunk of a run that is
-    completed, cancelled or superseded.
+    completed, cancelled or superseded. Once the registry is closed, the next step raises
+    :class:`RegistryClosedError` (a step parked waiting for chunks raises it at once); chunks
+    read but not yet yielded are dropped, so resume elsewhere with ``after_seq`` set to the
+    last seq you took.
     """
 
     def __init__(
@@ -213,7 +270,7 @@ class StreamSubscription:
         return self._inline[-1].seq if self._inline else self._next - 1
 
     def wake(self) -> None:
-        """Read the table at the next step (reconnects, re-checks, run end)."""
+        """Read the table at the next step (reconnects, re-checks, run end, registry close)."""
         self._stale = True
         self._wakeup.set()
 
@@ -236,10 +293,12 @@ class StreamSubscription:
 
     async def __anext__(self) -> StreamChunk:
         while True:
-            if self._ready:
-                return self._ready.popleft()
             if self._closed:
                 raise StopAsyncIteration
+            if self._watch.closed:
+                raise RegistryClosedError()
+            if self._ready:
+                return self._ready.popleft()
             while self._inline and self._inline[0].seq < self._next:
                 self._inline.popleft()
             if not self._stale and self._inline and self._inline[0].seq == self._next:
@@ -250,10 +309,12 @@ class StreamSubscription:
             self._wakeup.clear()
             if self._stale or self._inline or ended:
                 self._stale = False
-                chunks = await self._read(self.run_id, self._next - 1)
-                if chunks:
-                    self._ready.extend(chunks)
-                    self._next = chunks[-1].seq + 1
+                page = await self._read(self.run_id, self._next - 1)
+                if page.chunks:
+                    self._ready.extend(page.chunks)
+                    self._next = page.chunks[-1].seq + 1
+                    if page.full:
+                        self._stale = True  # more may be stored behind a full page: read on
                     continue
                 if ended:
                     await self.aclose()

@@ -56,6 +56,9 @@ runs = Table(
     # the worker_id of the registry that holds the run, and until when its claim holds
     Column("owner_id", Id, nullable=True),
     Column("lease_expires_at", DateTime(timezone=True), nullable=True),
+    # the fencing token: moves on at every change of owner (resume, adopt); a claim, ack,
+    # publish or remove made under an older epoch is refused
+    Column("owner_epoch", BigInteger, nullable=False, server_default=text("1")),
     Column("cancel_requested_at", DateTime(timezone=True), nullable=True),
     Column("superseded_by", Id, nullable=True),
     Column("end_reason", Text, nullable=True),
@@ -65,6 +68,7 @@ runs = Table(
     # the stream's last allocated chunk seq; NULL until the stream is bound (and after pruning)
     Column("stream_seq", BigInteger, nullable=True),
     CheckConstraint("stream_seq >= 0", name="stream_seq"),
+    CheckConstraint("owner_epoch >= 1", name="owner_epoch"),
     CheckConstraint("status IN ('active', 'completed', 'cancelled', 'superseded')", name="status"),
     CheckConstraint("(status = 'active') = (ended_at IS NULL)", name="ended_at_iff_finished"),
     Index(

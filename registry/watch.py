@@ -4,7 +4,9 @@ A :class:`RunWatch` holds one run's local state (cancelled, ended) and the waite
 (inboxes, stream subscriptions); handles, tokens, inboxes and subscriptions of the run share
 it. The :class:`Dispatcher` keeps the process's watches (weakly: a watch lives while something
 holds it) and applies each notification to them; the safety net applies rows read from the
-tables. Waiters only ever read a watch.
+tables. Waiters only ever read a watch. :class:`Closing` is the registry's close as the
+waiters see it: once closed, every wait and every read of theirs raises
+:class:`RegistryClosedError`.
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import weakref
-from typing import Protocol
+from collections.abc import Awaitable
+from typing import Any, Protocol, TypeVar
 
+from registry.errors import RegistryClosedError
 from registry.models import RunStatus, is_cancelled
 from registry.notifications import ChunkPublished, Notification, NotificationKind
+
+_T = TypeVar("_T")
 
 #: how many runs' recent cancel and end notifications are kept for watches created after them
 RECENT_LIMIT = 4096
@@ -42,26 +48,90 @@ class StreamWaiter(Waiter, Protocol):
         """Take a chunk notification (never blocks, never awaits)."""
 
 
+def _consume(future: asyncio.Future[Any]) -> None:
+    # an outcome nobody waits for any more must not be reported as "never retrieved"
+    if not future.cancelled():
+        future.exception()
+
+
+class Closing:
+    """Whether the registry has closed, shared by its watches; waiters race their I/O with it.
+
+    Closing is irreversible and needs no I/O: :meth:`close` only flips a flag and resolves a
+    future, so ``close()`` can end every waiter even when it is cancelled itself.
+    """
+
+    __slots__ = ("_closed", "_signal")
+
+    def __init__(self) -> None:
+        self._closed = False
+        # created on first use: it belongs to the running loop
+        self._signal: asyncio.Future[None] | None = None
+
+    @property
+    def closed(self) -> bool:
+        """Whether the registry has closed."""
+        return self._closed
+
+    def close(self) -> None:
+        """Mark the registry closed and stop every :meth:`race` in progress (never blocks)."""
+        self._closed = True
+        if self._signal is not None and not self._signal.done():
+            self._signal.set_result(None)
+
+    def check(self) -> None:
+        """Raise :class:`RegistryClosedError` if the registry has closed."""
+        if self._closed:
+            raise RegistryClosedError()
+
+    async def race(self, awaitable: Awaitable[_T]) -> _T:
+        """Await ``awaitable`` unless the registry closes first.
+
+        A result that is ready wins; otherwise, once the registry has closed (before or
+        meanwhile), ``awaitable`` is cancelled and :class:`RegistryClosedError` raised.
+        Cancelling the caller cancels ``awaitable`` too.
+        """
+        future = asyncio.ensure_future(awaitable)
+        future.add_done_callback(_consume)
+        if not self._closed:
+            if self._signal is None:
+                self._signal = asyncio.get_running_loop().create_future()
+            either: set[asyncio.Future[Any]] = {future, self._signal}
+            try:
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                future.cancel()
+                raise
+        if future.done() and not future.cancelled() and future.exception() is None:
+            return future.result()
+        if not self._closed:
+            return future.result()  # it failed on its own: its error, as awaiting it gives
+        future.cancel()
+        raise RegistryClosedError()
+
+
 class RunWatch:
     """Local state of one run: cancelled and ended flags plus the waiters to wake.
 
     Cancellation and ending are irreversible once committed, so a notification (sent only at
     commit) may set them directly; the safety-net re-check sets them from the table when a
-    notification was lost.
+    notification was lost. ``closing`` is the registry's (a watch made without one has its own).
     """
 
     __slots__ = (
         "__weakref__",
         "cancelled",
         "chunk_generation",
+        "closing",
         "ended",
         "inboxes",
         "run_id",
         "streams",
     )
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, closing: Closing | None = None) -> None:
         self.run_id = run_id
+        self.closing = Closing() if closing is None else closing
         self.cancelled = asyncio.Event()
         self.ended = asyncio.Event()
         self.inboxes: weakref.WeakSet[Waiter] = weakref.WeakSet()
@@ -69,6 +139,31 @@ class RunWatch:
         #: counts the wake-ups about new chunks; a table read started at generation g has
         #: seen every chunk announced up to g (the announcement follows the commit)
         self.chunk_generation = 0
+
+    @property
+    def closed(self) -> bool:
+        """Whether the registry has closed: waiters of the run raise, and nothing more comes."""
+        return self.closing.closed
+
+    async def wait_cancelled(self) -> None:
+        """Return once the run is cancelled or superseded.
+
+        Raises :class:`RegistryClosedError` if the registry closes first (at once if it has
+        already closed); a cancel already seen still returns.
+        """
+        if self.cancelled.is_set():
+            return
+        try:
+            await self.closing.race(self.cancelled.wait())
+        except RegistryClosedError:
+            if not self.cancelled.is_set():
+                raise
+
+    def close(self) -> None:
+        """The registry closed: wake every waiter of the run so that it sees it and stops."""
+        self.closing.close()
+        self.wake_inboxes()
+        self.wake_streams()
 
     def apply(self, status: RunStatus, *, cancel_requested: bool) -> None:
         """Take in the run's row: trip on cancel or supersede, end when not active."""
@@ -122,6 +217,8 @@ class Dispatcher:
     """
 
     def __init__(self, recent_limit: int = RECENT_LIMIT) -> None:
+        #: the registry's close, shared by every watch (those made after it are closed too)
+        self.closing = Closing()
         self._watches: weakref.WeakValueDictionary[str, RunWatch] = weakref.WeakValueDictionary()
         # cancel and end notifications of runs nobody watched yet: a handle created from a
         # row read just before the notification arrived must still see it
@@ -134,7 +231,7 @@ class Dispatcher:
         """The run's watch, created (with any recent cancel or end applied) if none is held."""
         watch = self._watches.get(run_id)
         if watch is None:
-            watch = RunWatch(run_id)
+            watch = RunWatch(run_id, self.closing)
             for kind in self._recent.get(run_id, ()):
                 watch.notify(kind)
             self._watches[run_id] = watch
@@ -175,6 +272,13 @@ class Dispatcher:
             watch.wake_streams()
 
     def wake_inboxes(self) -> None:
-        """Every inbox re-reads its table (on close, so parked consumers see the end)."""
+        """Every inbox re-reads its table."""
         for watch in self.all():
             watch.wake_inboxes()
+
+    def close(self) -> None:
+        """The registry closed: every waiter of every run raises :class:`RegistryClosedError`
+        (those parked wake now); watches made from now on are closed (never blocks)."""
+        self.closing.close()
+        for watch in self.all():
+            watch.close()

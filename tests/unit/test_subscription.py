@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
+from registry.errors import RegistryClosedError
 from registry.models import StreamChunk
-from registry.streams import StreamSubscription
+from registry.streams import ChunkPage, StreamSubscription
 from registry.watch import RunWatch
 
 RUN_ID = "run-1"
@@ -35,13 +36,13 @@ class FakeTable:
         self.chunks.extend(added)
         return added
 
-    async def read(self, run_id: str, after: int) -> list[StreamChunk]:
+    async def read(self, run_id: str, after: int) -> ChunkPage:
         assert run_id == RUN_ID
         self.reads.append(after)
         snapshot = [chunk for chunk in self.chunks if chunk.seq > after][: self.batch]
         if self.gate is not None:
             await self.gate.wait()
-        return snapshot
+        return ChunkPage(snapshot, full=len(snapshot) >= self.batch)
 
 
 def subscribe(
@@ -320,11 +321,6 @@ async def test_context_exit_closes_the_subscription() -> None:
     assert table.reads == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="replay longer than one read batch stalls until the next wake-up "
-    "(issue: tests that catch what they name)",
-)
 async def test_replay_longer_than_one_read_batch_reads_on() -> None:
     table, watch = FakeTable(batch=10), RunWatch(RUN_ID)
     stored = table.publish(25)
@@ -338,11 +334,48 @@ async def test_replay_longer_than_one_read_batch_reads_on() -> None:
     assert table.reads == [0, 10, 20]
 
 
+async def test_registry_close_ends_a_parked_subscriber_at_once() -> None:
+    table, watch = FakeTable(), RunWatch(RUN_ID)
+    table.publish(1)
+    subscription = subscribe(table, watch)
+    await take(subscription, 1)
+    task = await parked(subscription)
+    reads = len(table.reads)
+    watch.close()
+    with pytest.raises(RegistryClosedError):
+        await asyncio.wait_for(task, 1)
+    # and every later step, even with chunks stored or offered: they cannot be trusted now
+    [second] = table.publish(1)
+    subscription.offer(second.seq, second.data)
+    with pytest.raises(RegistryClosedError):
+        await asyncio.wait_for(anext(subscription), 1)
+    assert len(table.reads) == reads
+
+
+async def test_registry_close_drops_chunks_already_read() -> None:
+    table, watch = FakeTable(), RunWatch(RUN_ID)
+    table.publish(3)
+    subscription = subscribe(table, watch)
+    await take(subscription, 1)  # chunks 2 and 3 are read, not yet yielded
+    watch.close()
+    with pytest.raises(RegistryClosedError):
+        await asyncio.wait_for(anext(subscription), 1)
+
+
+async def test_an_ended_subscription_stays_ended_after_registry_close() -> None:
+    table, watch = FakeTable(), RunWatch(RUN_ID)
+    watch.end()
+    subscription = subscribe(table, watch)
+    await assert_ends(subscription)
+    watch.close()
+    await assert_ends(subscription)
+
+
 async def test_aclose_drops_chunks_already_read() -> None:
     stored = [StreamChunk(seq, b"x") for seq in (1, 2, 3)]
 
-    async def read(_run_id: str, after: int) -> list[StreamChunk]:
-        return [chunk for chunk in stored if chunk.seq > after]
+    async def read(_run_id: str, after: int) -> ChunkPage:
+        return ChunkPage([chunk for chunk in stored if chunk.seq > after], full=False)
 
     subscription = StreamSubscription(read, RunWatch("run-1"), after_seq=0, buffer_limit=8)
     assert (await anext(subscription)).seq == 1
