@@ -14,13 +14,14 @@ from typing import Protocol
 from registry import repository
 from registry.connections import ConnectionLane
 from registry.database import translate_errors
+from registry.errors import LeaseLostError
 from registry.inbox import DecisionInbox, DecisionQueue
 from registry.listener import Listener
 from registry.models import RunRecord, check_chunks
 from registry.settings import RegistrySettings
 from registry.streams import ChunkPublisher, SharedChunkReader
 from registry.upkeep import LeaseKeeper, SafetyNet
-from registry.watch import Dispatcher, RunWatch
+from registry.watch import Dispatcher, Lease, RunWatch
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +34,6 @@ class RunCalls(Protocol):
     """The registry calls a handle forwards to (``RunRegistry`` provides them)."""
 
     async def cancel_active_run_by_id(self, run_id: str) -> bool: ...
-
-    async def remove_by_run_id(self, run_id: str) -> bool: ...
 
     async def bind_thread_run_stream_fanout(self, run_id: str) -> bool: ...
 
@@ -77,7 +76,7 @@ class RunParts:
         )
         self.leases = LeaseKeeper(
             lane,
-            worker_id,
+            self.dispatcher,
             lease_seconds=settings.lease_seconds,
             heartbeat_interval=settings.heartbeat_interval,
         )
@@ -110,6 +109,19 @@ class RunParts:
         # notifications sent while the listener was away are lost: everyone reads the tables
         self.dispatcher.wake_streams()
         self.safety_net.recheck_soon()
+
+    async def end_held_run(self, lease: Lease) -> bool:
+        """Finish the run under ``lease``'s owner epoch (see ``RunRegistry.remove_by_run_id``);
+        ``False`` if it was not active. Raises :class:`LeaseLostError` (nothing written) if
+        another registry took the run over."""
+        async with self._lane.transaction() as connection:
+            ended = await repository.end_run(connection, lease.run_id, epoch=lease.epoch)
+            taken = not ended and await repository.owner_epoch_of(connection, lease.run_id)
+        if taken:
+            self.leases.lose(lease)
+            raise LeaseLostError(lease.run_id)
+        self.leases.let_go(lease.run_id)
+        return ended
 
     async def close(self) -> None:
         """End every waiter, flush pending wake-ups, release the leases, stop the background
@@ -186,11 +198,12 @@ class RunCancellationToken:
     ``await wait()`` returns once it trips; ``await refresh()`` re-reads the row.
     """
 
-    __slots__ = ("_parts", "_watch")
+    __slots__ = ("_lease", "_parts", "_watch")
 
-    def __init__(self, parts: RunParts, watch: RunWatch) -> None:
+    def __init__(self, parts: RunParts, watch: RunWatch, lease: Lease) -> None:
         self._parts = parts
         self._watch = watch
+        self._lease = lease
 
     @property
     def run_id(self) -> str:
@@ -198,16 +211,23 @@ class RunCancellationToken:
         return self._watch.run_id
 
     def is_cancelled(self) -> bool:
-        """Whether a cancel (or a supersede) of the run has been seen."""
-        return self._watch.cancelled.is_set()
+        """Whether a cancel (or a supersede) of the run has been seen, or that another
+        registry took the run over (see :attr:`lease_lost`)."""
+        return self._watch.cancelled.is_set() or self._lease.lost.is_set()
+
+    @property
+    def lease_lost(self) -> bool:
+        """Whether another registry took the run over (resumed or adopted it): stop working
+        on it; its claims, acks, publishes and removes from here are refused."""
+        return self._lease.lost.is_set()
 
     async def wait(self) -> None:
-        """Return once the run is cancelled or superseded.
+        """Return once the run is cancelled or superseded, or its lease is lost.
 
         Raises :class:`RegistryClosedError` if the registry closes first, at once if it is
         already closed (a token that had tripped before still returns).
         """
-        await self._watch.wait_cancelled()
+        await self._watch.wait_cancelled(self._lease.lost)
 
     async def cancel(self) -> bool:
         """Request cancellation of the run; ``False`` if it is no longer active."""
@@ -226,11 +246,12 @@ class RunHandle:
     removed from any process, which its token and inbox then report.
     """
 
-    __slots__ = ("_parts", "_record", "_watch")
+    __slots__ = ("_lease", "_parts", "_record", "_watch")
 
     def __init__(self, parts: RunParts, record: RunRecord) -> None:
         self._parts = parts
         self._record = record
+        self._lease = parts.leases.lease_for(record)
         self._watch = parts.dispatcher.watch(record.run_id)
         self._watch.apply(record.status, cancel_requested=record.cancel_requested_at is not None)
 
@@ -260,19 +281,25 @@ class RunHandle:
 
     def cancellation_token(self) -> RunCancellationToken:
         """The run's cancellation token, shared with every other token of the run here."""
-        return RunCancellationToken(self._parts, self._watch)
+        return RunCancellationToken(self._parts, self._watch, self._lease)
 
     def decisions(self) -> DecisionInbox:
         """Open the run's inbox (the seed's ``bind_decision_tx`` and ``pending_decisions``)."""
-        return DecisionInbox(self._parts.decisions, self._watch)
+        return DecisionInbox(
+            self._parts.decisions, self._watch, self._lease, self._parts.leases.lose
+        )
 
     async def cancel(self) -> bool:
         """Request cancellation of this run; ``False`` if it is no longer active."""
         return await self._parts.calls.cancel_active_run_by_id(self.run_id)
 
     async def remove(self) -> bool:
-        """Finish this run (the seed's ``remove_thread_run_handle``); see ``remove_by_run_id``."""
-        return await self._parts.calls.remove_by_run_id(self.run_id)
+        """Finish this run (the seed's ``remove_thread_run_handle``); see ``remove_by_run_id``.
+
+        Fenced: raises :class:`LeaseLostError` (nothing written) if another registry has
+        taken the run over since this handle was obtained.
+        """
+        return await self._parts.end_held_run(self._lease)
 
     async def bind_stream_fanout(self) -> bool:
         """Open this run's stream; see :meth:`RunRegistry.bind_thread_run_stream_fanout`."""
@@ -282,7 +309,8 @@ class RunHandle:
         """Append ``chunk`` to the run's stream and return its sequence number.
 
         Raises :class:`StreamClosedError` if the stream is not bound or the run has ended,
-        :class:`InvalidInputError` for a chunk that is not bytes or is over ``max_chunk_bytes``.
+        :class:`InvalidInputError` for a chunk that is not bytes or is over ``max_chunk_bytes``,
+        :class:`LeaseLostError` (nothing written) if another registry took the run over.
         """
         [seq] = await self.publish_many([chunk])
         return seq
@@ -290,7 +318,13 @@ class RunHandle:
     async def publish_many(self, chunks: Sequence[bytes]) -> list[int]:
         """Append ``chunks`` in order, in one transaction; return their sequence numbers."""
         batch = check_chunks(chunks, max_chunk_bytes=self._parts.max_chunk_bytes)
-        return await self._parts.publisher.publish(self.run_id, batch)
+        if self._lease.lost.is_set():
+            raise LeaseLostError(self.run_id)
+        try:
+            return await self._parts.publisher.publish(self.run_id, batch, epoch=self._lease.epoch)
+        except LeaseLostError:
+            self._parts.leases.lose(self._lease)
+            raise
 
     def __repr__(self) -> str:
         return (

@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
 from registry import repository
 from registry.connections import ConnectionLane
-from registry.errors import InvalidInputError
+from registry.errors import InvalidInputError, LeaseLostError
 from registry.models import DecisionDelivery
-from registry.watch import RunWatch
+from registry.watch import Lease, RunWatch
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +40,13 @@ class DecisionQueue:
         self._max_attempts = max_attempts
         self._max_delay = max_delay
 
-    async def claim(self, run_id: str, after: int) -> repository.Claim:
-        """Claim the run's next decisions after ``after`` (and any pending below it).
+    async def claim(self, lease: Lease, after: int) -> repository.Claim:
+        """Claim the run's next decisions after ``after`` (and any pending below it), under
+        ``lease``'s owner epoch (``Claim.lease_lost`` if the run's epoch moved on).
 
         Repeatable: a claim that committed unseen is claimed again (one more attempt counted).
         """
+        run_id = lease.run_id
         claim = await self._lane.retry_until_available(
             lambda connection: repository.claim_decisions(
                 connection,
@@ -51,6 +54,7 @@ class DecisionQueue:
                 after=after,
                 limit=self.batch,
                 max_attempts=self._max_attempts,
+                epoch=lease.epoch,
             ),
             max_delay=self._max_delay,
         )
@@ -64,10 +68,13 @@ class DecisionQueue:
             )
         return claim
 
-    async def ack(self, delivery: DecisionDelivery) -> bool:
-        """Mark ``delivery`` acknowledged; ``False`` if it was not awaiting an ack."""
+    async def ack(self, lease: Lease, delivery: DecisionDelivery) -> bool | None:
+        """Mark ``delivery`` acknowledged under ``lease``'s owner epoch; ``False`` if it was
+        not awaiting an ack, ``None`` (nothing written) if the run's epoch moved on."""
         async with self._lane.autocommit() as connection:
-            return await repository.ack_decision(connection, delivery.run_id, delivery.delivery_id)
+            return await repository.ack_decision(
+                connection, delivery.run_id, delivery.delivery_id, epoch=lease.epoch
+            )
 
 
 class DecisionInbox:
@@ -82,9 +89,13 @@ class DecisionInbox:
     are delivered again by the next inbox of the run.
     """
 
-    def __init__(self, queue: DecisionQueue, watch: RunWatch) -> None:
+    def __init__(
+        self, queue: DecisionQueue, watch: RunWatch, lease: Lease, lose: Callable[[Lease], None]
+    ) -> None:
         self._queue = queue
         self._watch = watch
+        self._lease = lease
+        self._lose = lose
         self._wakeup = asyncio.Event()
         self._wakeup.set()
         self._buffer: collections.deque[DecisionDelivery] = collections.deque()
@@ -110,17 +121,22 @@ class DecisionInbox:
                 raise StopAsyncIteration
             # a delivery yielded now could not be acknowledged: leave it for the next inbox
             self._watch.closing.check()
+            self._check_lease()
             if self._buffer:
                 return self._buffer.popleft()
             ended = self._watch.ended.is_set()
             if not ended and not self._wakeup.is_set():
+                # a lost lease wakes the inboxes of its run too (see LeaseKeeper)
                 # the last claim emptied the queue: claim again only when told to
                 await self._wakeup.wait()
                 continue
             # clear before reading: a wake-up that lands during the read is kept for the next wait
             self._wakeup.clear()
             # raced with close(): a claim in flight must not outlive the registry's connections
-            claim = await self._watch.closing.race(self._queue.claim(self.run_id, self._after))
+            claim = await self._watch.closing.race(self._queue.claim(self._lease, self._after))
+            if claim.lease_lost:
+                self._lose(self._lease)
+                continue
             if claim.deliveries or claim.dead_lettered:
                 # a late commit can bring a decision below the cursor: the cursor never moves back
                 self._after = max(self._after, claim.examined)
@@ -141,13 +157,24 @@ class DecisionInbox:
 
         Returns ``False`` if it was already acknowledged or dropped (for example because the
         run was superseded). Idempotent. Raises :class:`InvalidInputError` for a delivery of
-        another run.
+        another run, and :class:`LeaseLostError` (nothing written) once another registry has
+        taken the run over: it redelivers the decision, this one must not apply more.
         """
         if delivery.run_id != self.run_id:
             raise InvalidInputError(
                 "delivery", f"belongs to run {delivery.run_id!r}, not {self.run_id!r}"
             )
-        return await self._queue.ack(delivery)
+        self._check_lease()
+        acked = await self._queue.ack(self._lease, delivery)
+        if acked is None:
+            self._lose(self._lease)
+            self._check_lease()
+        return bool(acked)
+
+    def _check_lease(self) -> None:
+        if self._lease.lost.is_set():
+            self._buffer.clear()  # claimed under the lost lease: the new owner redelivers them
+            raise LeaseLostError(self.run_id)
 
     async def aclose(self) -> None:
         """Stop iterating. Decisions claimed but not acknowledged will be delivered again."""

@@ -167,6 +167,7 @@ class RunRegistry(RegistryInspector):
                 if name != ONE_ACTIVE_RUN_PER_THREAD or attempt == _REGISTER_ATTEMPTS:
                     raise
                 continue
+            self._parts.leases.hold(record)
             self._parts.leases.start()
             return self._handle(record)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -199,7 +200,9 @@ class RunRegistry(RegistryInspector):
         check_id("run_id", run_id)
         self._check_open()
         async with self._lane.transaction() as connection:
-            return await repository.end_run(connection, run_id)
+            ended = await repository.end_run(connection, run_id)
+        self._parts.leases.let_go(run_id)
+        return ended
 
     async def active_run_id_for_thread(self, agent_id: str, thread_id: str) -> str | None:
         """The thread's active run id if ``agent_id`` owns it, else ``None``."""
@@ -296,28 +299,36 @@ class RunRegistry(RegistryInspector):
 
         A process restarted with the same ``worker_id`` continues its runs: their inboxes
         redeliver what was never acknowledged, and a cancel requested meanwhile has already
-        tripped their tokens.
+        tripped their tokens. Each run this registry did not already hold gets a new owner
+        epoch: a registry of the same ``worker_id`` still running (an overlapping deploy)
+        loses it (see :class:`LeaseLostError`).
         """
         self._check_open()
+        leases = self._parts.leases
         async with self._lane.autocommit() as connection:
             records = await repository.resume_owned(
-                connection, self.worker_id, self._parts.leases.lease
+                connection, self.worker_id, leases.lease, leases.held()
             )
-        self._parts.leases.start()
-        return [self._handle(record) for record in records]
+        return self._take(records)
 
     async def adopt_orphaned_runs(self, limit: int = 100) -> list[RunHandle]:
         """Claim up to ``limit`` active runs whose owner's lease expired; return their handles.
 
         Safe when many processes call it at once: each run is adopted by exactly one. Runs
         whose cancel is pending are adopted too (their tokens are already tripped), so the
-        adopter can wind them down.
+        adopter can wind them down. Each adopted run gets a new owner epoch, which fences off
+        the registry that held it before (see :class:`LeaseLostError`).
         """
         check_count("limit", limit, minimum=1)
         self._check_open()
         lease = self._parts.leases.lease
         async with self._lane.autocommit() as connection:
             records = await repository.adopt_orphans(connection, self.worker_id, lease, limit)
+        return self._take(records)
+
+    def _take(self, records: list[RunRecord]) -> list[RunHandle]:
+        for record in records:
+            self._parts.leases.hold(record)
         self._parts.leases.start()
         return [self._handle(record) for record in records]
 

@@ -260,7 +260,7 @@ _RENEW_LEASES = """
 """
 
 
-async def renew_held_leases(
+async def renew_leases(
     connection: DriverConnection, held: Mapping[str, int], lease: timedelta
 ) -> set[str]:
     """Extend the lease of each run in ``held`` (run id to owner epoch) that is still active
@@ -268,28 +268,6 @@ async def renew_held_leases(
     has ended, or another registry took it (see :func:`held_run_states`)."""
     rows = await connection.fetch(_RENEW_LEASES, list(held), list(held.values()), lease)
     return {row["run_id"] for row in rows}
-
-
-_RENEW_OWNER_LEASES = """
-    UPDATE runs SET lease_expires_at = now() + $2::interval
-     WHERE owner_id = $1 AND status = 'active'
-    RETURNING run_id
-"""
-
-
-async def renew_leases(connection: DriverConnection, owner_id: str, lease: timedelta) -> set[str]:
-    """Extend the lease of every active run ``owner_id`` holds, in one statement."""
-    return {row["run_id"] for row in await connection.fetch(_RENEW_OWNER_LEASES, owner_id, lease)}
-
-
-_RELEASE_OWNER_LEASES = """
-    UPDATE runs SET lease_expires_at = now() WHERE owner_id = $1 AND status = 'active'
-"""
-
-
-async def release_leases(connection: DriverConnection, owner_id: str) -> None:
-    """Let the runs of a worker that shuts down cleanly be adopted at once."""
-    await connection.execute(_RELEASE_OWNER_LEASES, owner_id)
 
 
 _HELD_RUN_STATES = """
@@ -313,7 +291,7 @@ _RELEASE_LEASES = """
 """
 
 
-async def release_held_leases(connection: DriverConnection, held: Mapping[str, int]) -> None:
+async def release_leases(connection: DriverConnection, held: Mapping[str, int]) -> None:
     """Let the runs in ``held`` (run id to owner epoch) be adopted at once: a registry that
     shuts down cleanly releases only what it holds, never another registry's runs of the same
     worker id."""
@@ -328,7 +306,11 @@ _RESUME_OWNED = f"""
            owner_epoch = owner_epoch + CASE
                WHEN (run_id, owner_epoch) IN (SELECT * FROM unnest($3::text[], $4::bigint[]))
                THEN 0 ELSE 1 END
-     WHERE owner_id = $1 AND status = 'active'
+     WHERE run_id IN (
+            -- FOR UPDATE: it waits for claims and acks in flight under the old epoch (they
+            -- lock the row FOR KEY SHARE, which a plain UPDATE would not wait for)
+            SELECT run_id FROM runs WHERE owner_id = $1 AND status = 'active' FOR UPDATE
+           )
     RETURNING {_RUN_COLUMNS}
 """
 
@@ -653,12 +635,7 @@ _ACK_DECISION = """
 """
 
 
-async def ack_decision(connection: DriverConnection, run_id: str, delivery_id: int) -> bool:
-    """Mark a delivered decision acknowledged; ``False`` if it was not awaiting an ack."""
-    return bool(await ack_held_decision(connection, run_id, delivery_id, epoch=None))
-
-
-async def ack_held_decision(
+async def ack_decision(
     connection: DriverConnection, run_id: str, delivery_id: int, *, epoch: int | None
 ) -> bool | None:
     """Mark a delivered decision acknowledged; ``False`` if it was not awaiting an ack, and

@@ -25,12 +25,15 @@ from typing import Self
 
 from registry import repository
 from registry.connections import ConnectionLane
-from registry.errors import RegistryClosedError, StreamClosedError
+from registry.errors import LeaseLostError, RegistryClosedError, StreamClosedError
 from registry.models import StreamChunk
 from registry.notifications import ChunkPublished, encode, inline_data
 from registry.watch import Dispatcher, RunWatch
 
 logger = logging.getLogger(__name__)
+
+#: runs whose last chunk notification time the publisher keeps before it forgets quiet ones
+_NOTIFIED_LIMIT = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,14 +64,19 @@ class ChunkPublisher:
         self._window = window
         self._inline_limit = inline_limit
         self._notified_at: dict[str, float] = {}
+        self._forget_at = _NOTIFIED_LIMIT
         self._pending: dict[str, int] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
 
-    async def publish(self, run_id: str, chunks: Sequence[bytes]) -> list[int]:
+    async def publish(
+        self, run_id: str, chunks: Sequence[bytes], *, epoch: int | None = None
+    ) -> list[int]:
         """Append ``chunks`` (validated) in one transaction and return their sequence numbers.
 
-        Raises :class:`StreamClosedError` if the stream is not bound or the run has ended,
+        With ``epoch``, only while the run is held under that owner epoch. Raises
+        :class:`StreamClosedError` if the stream is not bound or the run has ended,
+        :class:`LeaseLostError` if the run's owner epoch moved on (nothing written), and
         :class:`RegistryClosedError` once the registry is closing.
         """
         if self._closed:
@@ -83,11 +91,17 @@ class ChunkPublisher:
             inline = inline_data(chunks[0])
         async with self._lane.autocommit() as connection:
             last_seq = await repository.append_chunks(
-                connection, run_id, chunks, notify=notify, inline=inline
+                connection, run_id, chunks, notify=notify, inline=inline, epoch=epoch
             )
+            if last_seq is None and epoch is not None:
+                current = await repository.owner_epoch_of(connection, run_id)
+                if current is not None and current != epoch:
+                    raise LeaseLostError(run_id)
         if last_seq is None:
             raise StreamClosedError(run_id)
         if notify:
+            if len(self._notified_at) >= self._forget_at:
+                self._forget_quiet_runs(now)
             self._notified_at[run_id] = now
         else:
             self._pending[run_id] = max(last_seq, self._pending.get(run_id, 0))
@@ -97,6 +111,13 @@ class ChunkPublisher:
                 self._flusher = asyncio.create_task(self._flush(), name="registry-chunk-notify")
         first = last_seq - len(chunks) + 1
         return list(range(first, last_seq + 1))
+
+    def _forget_quiet_runs(self, now: float) -> None:
+        # bounded by the runs publishing now: a run quiet for a window needs no entry
+        cutoff = now - self._window
+        self._notified_at = {run: at for run, at in self._notified_at.items() if at > cutoff}
+        # amortised: the next sweep waits until the table has doubled again
+        self._forget_at = max(_NOTIFIED_LIMIT, 2 * len(self._notified_at))
 
     async def stop(self, grace: float) -> None:
         """Refuse new publishes and send the pending wake-ups rather than drop them

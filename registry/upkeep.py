@@ -1,7 +1,9 @@
 """The registry's background jobs, one small class each, started, then stopped on close.
 
-:class:`LeaseKeeper` renews the leases of the runs this worker owns, finishes cancelled
-orphans, and releases the leases on a clean shutdown. :class:`SafetyNet` re-reads the tables
+:class:`LeaseKeeper` holds this registry's :class:`Lease` on each run it took (register,
+resume, adopt), renews them on a heartbeat, notices the runs another registry took over
+(fencing: the run's owner epoch moved on), finishes cancelled orphans, and releases its own
+leases, and only those, on a clean shutdown. :class:`SafetyNet` re-reads the tables
 for every live watch on an interval and after a listener reconnect: NOTIFY is not durable, so
 a lost notification costs at most one interval of latency, never correctness.
 
@@ -21,32 +23,86 @@ from datetime import timedelta
 from registry import repository
 from registry.connections import ConnectionLane
 from registry.errors import RegistryClosedError
-from registry.watch import Dispatcher, RunWatch
+from registry.models import RunRecord, RunStatus
+from registry.watch import Dispatcher, Lease, RunWatch
 
 logger = logging.getLogger(__name__)
 
 
 class LeaseKeeper:
-    """Keeps this worker's claim on its runs: a heartbeat every ``heartbeat_interval`` seconds
-    renews every lease it holds to ``lease_seconds`` (one statement) and sweeps cancelled
-    orphans; :meth:`stop` releases the leases so that another worker may adopt the runs at once.
+    """This registry's leases: a heartbeat every ``heartbeat_interval`` seconds renews each
+    run it holds to ``lease_seconds`` (one statement, under the epoch it holds the run at),
+    notices runs another registry took, and sweeps cancelled orphans; :meth:`stop` releases
+    the leases it holds so that another worker may adopt those runs at once.
+
+    What it keeps is bounded by the runs it holds now: a run leaves when it is removed here,
+    or when the heartbeat sees it ended or taken.
     """
 
     def __init__(
         self,
         lane: ConnectionLane,
-        worker_id: str,
+        dispatcher: Dispatcher,
         *,
         lease_seconds: float,
         heartbeat_interval: float,
     ) -> None:
         self._lane = lane
-        self._worker_id = worker_id
+        self._dispatcher = dispatcher
         self.lease = timedelta(seconds=lease_seconds)
         self._interval = heartbeat_interval
+        self._held: dict[str, Lease] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
         self._stopping = asyncio.Event()
+
+    def held(self) -> dict[str, int]:
+        """The runs this registry holds, each with the owner epoch it holds it under."""
+        return {run_id: lease.epoch for run_id, lease in self._held.items()}
+
+    def hold(self, record: RunRecord) -> Lease:
+        """Take the run of ``record`` (just registered, resumed or adopted) under its epoch; a
+        lease of an older epoch of the run is lost."""
+        current = self._held.get(record.run_id)
+        if current is not None and current.epoch == record.owner_epoch:
+            return current
+        if current is not None:
+            self._lose(current)
+        lease = Lease(record.run_id, record.owner_epoch)
+        self._held[record.run_id] = lease
+        return lease
+
+    def lease_for(self, record: RunRecord) -> Lease:
+        """The lease a handle of ``record`` acts under: the one held when it is of the same
+        epoch, else a lease nobody renews (a handle looked up, not taken)."""
+        current = self._held.get(record.run_id)
+        if current is not None and current.epoch == record.owner_epoch:
+            return current
+        return Lease(record.run_id, record.owner_epoch)
+
+    def let_go(self, run_id: str) -> None:
+        """Forget the run (it ended here); nothing is written."""
+        self._held.pop(run_id, None)
+
+    def lose(self, lease: Lease) -> None:
+        """Another registry took the run: trip its tokens and end its inboxes, here."""
+        if self._held.get(lease.run_id) is lease:
+            del self._held[lease.run_id]
+        self._lose(lease)
+
+    def _lose(self, lease: Lease) -> None:
+        if lease.lost.is_set():
+            return
+        logger.warning(
+            "lost run %s: another registry took it over (owner epoch %d moved on)",
+            lease.run_id,
+            lease.epoch,
+            extra={"run_id": lease.run_id},
+        )
+        lease.lost.set()
+        watch = self._dispatcher.get(lease.run_id)
+        if watch is not None:
+            watch.wake_inboxes()
 
     def start(self) -> None:
         """Start the heartbeat unless it runs (called whenever this worker takes runs)."""
@@ -72,10 +128,13 @@ class LeaseKeeper:
         if task is None:
             return
         await _end(task, grace)
+        held = self.held()
+        if not held:
+            return
         try:
             async with asyncio.timeout(grace):
                 async with self._lane.autocommit() as connection:
-                    await repository.release_leases(connection, self._worker_id)
+                    await repository.release_leases(connection, held)
         except TimeoutError:
             logger.warning(
                 "close: skipped releasing the leases (no answer within %gs); they expire "
@@ -109,15 +168,34 @@ class LeaseKeeper:
                 )
         return swept
 
+    async def renew(self) -> None:
+        """Renew every lease held, and let go of the runs that ended or were taken over (their
+        tokens trip and their inboxes end with :class:`LeaseLostError`)."""
+        held = self.held()
+        if not held:
+            return
+        async with self._lane.autocommit() as connection:
+            renewed = await repository.renew_leases(connection, held, self.lease)
+            missing = [run_id for run_id in held if run_id not in renewed]
+            states = await repository.held_run_states(connection, missing) if missing else {}
+        logger.debug("renewed the leases of %d runs", len(renewed))
+        for run_id in missing:
+            lease = self._held.get(run_id)
+            if lease is None or lease.epoch != held[run_id]:
+                continue  # let go or taken anew meanwhile
+            status, epoch = states.get(run_id, (None, None))
+            if status is not RunStatus.ACTIVE:
+                self.let_go(run_id)  # ended (or deleted): its watch ends it here
+            elif epoch != lease.epoch:
+                self.lose(lease)
+
     async def _beat(self) -> None:
         while True:
             await _wait(self._stopping, self._interval)
             if self._stopped:
                 return
             try:
-                async with self._lane.autocommit() as connection:
-                    renewed = await repository.renew_leases(connection, self._worker_id, self.lease)
-                logger.debug("renewed the leases of %d runs", len(renewed))
+                await self.renew()
                 if self._stopped:
                     return
                 swept = await self.sweep_cancelled_orphans()

@@ -54,6 +54,19 @@ def _consume(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+async def _either(first: asyncio.Event, second: asyncio.Event | None) -> None:
+    """Return once ``first`` or ``second`` (when given) is set."""
+    if second is None:
+        await first.wait()
+        return
+    waits = {asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())}
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
 class Closing:
     """Whether the registry has closed, shared by its watches; waiters race their I/O with it.
 
@@ -110,6 +123,24 @@ class Closing:
         raise RegistryClosedError()
 
 
+class Lease:
+    """A hold on one run under one owner epoch (the run's fencing token when it was taken).
+
+    Claims, acks, publishes and removes made through the run's handles carry ``epoch``;
+    PostgreSQL refuses them once the run's epoch has moved on (another registry resumed or
+    adopted it). ``lost`` is set when that is seen, by a refused statement or by the
+    heartbeat: the run's tokens then read as tripped and its inboxes raise
+    :class:`~registry.errors.LeaseLostError`.
+    """
+
+    __slots__ = ("epoch", "lost", "run_id")
+
+    def __init__(self, run_id: str, epoch: int) -> None:
+        self.run_id = run_id
+        self.epoch = epoch
+        self.lost = asyncio.Event()
+
+
 class RunWatch:
     """Local state of one run: cancelled and ended flags plus the waiters to wake.
 
@@ -145,18 +176,22 @@ class RunWatch:
         """Whether the registry has closed: waiters of the run raise, and nothing more comes."""
         return self.closing.closed
 
-    async def wait_cancelled(self) -> None:
-        """Return once the run is cancelled or superseded.
+    async def wait_cancelled(self, lost: asyncio.Event | None = None) -> None:
+        """Return once the run is cancelled or superseded (or ``lost`` is set: a lease lost).
 
         Raises :class:`RegistryClosedError` if the registry closes first (at once if it has
         already closed); a cancel already seen still returns.
         """
-        if self.cancelled.is_set():
+
+        def tripped() -> bool:
+            return self.cancelled.is_set() or (lost is not None and lost.is_set())
+
+        if tripped():
             return
         try:
-            await self.closing.race(self.cancelled.wait())
+            await self.closing.race(_either(self.cancelled, lost))
         except RegistryClosedError:
-            if not self.cancelled.is_set():
+            if not tripped():
                 raise
 
     def close(self) -> None:
