@@ -117,7 +117,6 @@ from registry import (
 )
 from registry.connections import ConnectionLane
 from registry.database import asyncpg_dsn
-from registry.notifications import CHANNEL
 
 DEFAULT_ITERATIONS = 500
 #: seconds to wait for a child's line before calling the benchmark broken
@@ -158,6 +157,8 @@ CHILD_MODES = (
 
 # --- the raw asyncpg baseline: the minimal SQL that does the same job --------------------------
 
+#: the raw baselines' own channel: the registry's carries signed payloads they do not read
+RAW_CHANNEL = "bench_core_raw"
 RAW_INSERT_RUN = """
     INSERT INTO runs (run_id, thread_id, agent_id, owner_id, lease_expires_at)
     VALUES ($1, $2, $3, $4, now() + $5::interval)
@@ -380,7 +381,7 @@ async def raw_listener(url: str) -> AsyncIterator[asyncio.Queue[tuple[int, str]]
 
     connection = await asyncpg.connect(asyncpg_dsn(url))
     try:
-        await connection.add_listener(CHANNEL, on_notification)
+        await connection.add_listener(RAW_CHANNEL, on_notification)
         yield received
     finally:
         await connection.close()
@@ -759,7 +760,7 @@ class Bench:
                         f"call-{index}",
                         json.dumps({"ok": True, "index": index}),
                         index,
-                        CHANNEL,
+                        RAW_CHANNEL,
                     )
                     received, decision_id = await children[mode].expect("got")
                     assert decision_id in ("-", f"d{index}"), (decision_id, index)
@@ -807,7 +808,7 @@ class Bench:
                 await raw_child.send("watch", run_id)
                 await raw_child.expect("watching")
                 start = time.monotonic_ns()
-                await self.pool.execute(RAW_CANCEL, run_id, CHANNEL)
+                await self.pool.execute(RAW_CANCEL, run_id, RAW_CHANNEL)
                 fired_run_id, received = await raw_child.expect("fired")
                 assert fired_run_id == run_id, (fired_run_id, run_id)
                 await self.pool.execute(RAW_COMPLETE_RUN, run_id)

@@ -18,6 +18,7 @@ from registry.errors import LeaseLostError
 from registry.inbox import DecisionInbox, DecisionQueue
 from registry.listener import Listener
 from registry.models import RunRecord, check_chunks
+from registry.notifications import Keyring
 from registry.settings import RegistrySettings
 from registry.streams import ChunkPublisher, SharedChunkReader
 from registry.upkeep import LeaseKeeper, SafetyNet
@@ -59,6 +60,8 @@ class RunParts:
         self.calls = calls
         self.max_chunk_bytes = settings.max_chunk_bytes
         self.dispatcher = Dispatcher()
+        #: the notification key, read from the database when first needed
+        self.keyring = Keyring(lambda: lane.retry_once(repository.notification_secret))
         self.decisions = DecisionQueue(
             lane,
             batch=settings.inbox_batch,
@@ -66,7 +69,10 @@ class RunParts:
             max_delay=settings.safety_interval,
         )
         self.publisher = ChunkPublisher(
-            lane, window=settings.stream_notify_window, inline_limit=settings.inline_chunk_bytes
+            lane,
+            self.keyring,
+            window=settings.stream_notify_window,
+            inline_limit=settings.inline_chunk_bytes,
         )
         self.reader = SharedChunkReader(
             lane,
@@ -77,6 +83,7 @@ class RunParts:
         self.leases = LeaseKeeper(
             lane,
             self.dispatcher,
+            self.keyring,
             lease_seconds=settings.lease_seconds,
             heartbeat_interval=settings.heartbeat_interval,
         )
@@ -94,10 +101,12 @@ class RunParts:
         Raises :class:`DatabaseUnavailableError` if the LISTEN connection fails.
         """
         if listen and self.listener is None:
+            key = await self.keyring.get()
             self.listener = Listener(
                 self._dsn,
                 self.dispatcher.apply,
                 self._on_reconnect,
+                key=key,
                 probe=repository.health_probe,
                 health_interval=self._health_interval,
             )
@@ -114,8 +123,9 @@ class RunParts:
         """Finish the run under ``lease``'s owner epoch (see ``RunRegistry.remove_by_run_id``);
         ``False`` if it was not active. Raises :class:`LeaseLostError` (nothing written) if
         another registry took the run over."""
+        key = await self.keyring.get()
         async with self._lane.transaction() as connection:
-            ended = await repository.end_run(connection, lease.run_id, epoch=lease.epoch)
+            ended = await repository.end_run(connection, lease.run_id, key, epoch=lease.epoch)
             taken = not ended and await repository.owner_epoch_of(connection, lease.run_id)
         if taken:
             self.leases.lose(lease)
@@ -234,8 +244,11 @@ class RunCancellationToken:
         return await self._parts.calls.cancel_active_run_by_id(self.run_id)
 
     async def refresh(self) -> bool:
-        """Re-read the run's row now and return :meth:`is_cancelled`."""
-        await self._parts.safety_net.refresh(self._watch)
+        """Re-read the run's row now and return :meth:`is_cancelled` (a takeover by another
+        registry is seen too)."""
+        epoch = await self._parts.safety_net.refresh(self._watch)
+        if epoch is not None and epoch != self._lease.epoch:
+            self._parts.leases.lose(self._lease)
         return self.is_cancelled()
 
 

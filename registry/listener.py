@@ -25,7 +25,7 @@ from typing import Any
 
 import asyncpg
 
-from registry.notifications import CHANNEL, Notification, parse
+from registry.notifications import CHANNEL, Notification, NotificationKey, parse
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class Listener:
         on_notification: Callable[[Notification], None],
         on_reconnect: Callable[[], None],
         *,
+        key: NotificationKey,
         probe: HealthProbe,
         health_interval: float = 2.0,
         connect_timeout: float = 5.0,
@@ -75,6 +76,7 @@ class Listener:
         self._dsn = dsn
         self._on_notification = on_notification
         self._on_reconnect = on_reconnect
+        self._key = key
         self._probe = probe
         self._health_interval = health_interval
         self._connect_timeout = connect_timeout
@@ -196,8 +198,9 @@ class Listener:
             connection.terminate()
 
     def _deliver(self, _connection: object, _pid: int, _channel: str, payload: object) -> None:
-        notification = parse(str(payload))
+        notification = parse(str(payload), self._key)
         if notification is None:
+            # unsigned or forged (any role may NOTIFY), or not ours: the tables decide
             logger.debug("ignoring notification payload %r", str(payload)[:200])
         else:
             self._on_notification(notification)

@@ -1,30 +1,53 @@
-"""The notification protocol: one channel, a few kinds, a small typed JSON payload.
+"""The notification protocol: one channel, a few kinds, a small typed, signed JSON payload.
 
 A notification means "look again", never "here is the data" (the tables are the truth); the
-one exception is a small stream chunk, which may ride inline so that a subscriber that is
-exactly caught up needs no query. The wire format, on channel :data:`CHANNEL`::
+one exception is a small stream chunk, which may ride inline, sealed, so that a subscriber that
+is exactly caught up needs no query. The wire format, on channel :data:`CHANNEL`, is 64 hex
+digits of HMAC-SHA256 over the JSON text, then the JSON text::
 
     {"kind": "decision" | "cancel" | "superseded" | "ended", "id": <run_id>}
-    {"kind": "chunk", "id": <run_id>, "seq": <newest seq>, "data": <base64> | null}
+    {"kind": "chunk", "id": <run_id>, "seq": <newest seq>, "data": <sealed> | null}
+
+Anyone who may connect to the database may NOTIFY on any channel and LISTEN to it (PostgreSQL
+grants no privilege over either), so a payload is trusted only when its MAC verifies under
+the database's notification secret (the ``notification_secrets`` table, readable by registry
+roles only), and inline chunk data is sealed with AES-GCM under a key derived from the same
+secret, bound to its run id: a listener without the secret learns run ids and sequence
+numbers, never content. A payload that does not verify or parse is ignored; the safety-net
+re-check covers whatever a lost notification meant.
 
 Both ends import this module: :func:`encode` (and the statements in ``repository``, which
-build the same objects with ``json_build_object``) write it, :func:`parse` reads it. A payload
-that does not parse is ignored: the safety-net re-check covers whatever it meant.
+build the same objects with ``json_build_object`` and sign them in SQL with
+:attr:`NotificationKey.inner_pad` and :attr:`NotificationKey.outer_pad`) write it,
+:func:`parse` reads it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import enum
+import hashlib
+import hmac
 import json
+import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-#: The one notification channel; the version lets a future payload format run side by side.
-CHANNEL = "registry_v1"
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+#: The one notification channel; the version lets a future payload format run side by side
+#: (v2: signed payloads, sealed inline data).
+CHANNEL = "registry_v2"
+
+#: Hex digits of the MAC that starts every payload.
+MAC_LENGTH = 64
+_NONCE_BYTES = 12
 
 #: Largest chunk that may travel inline. NOTIFY payloads must stay under 8000 bytes (a
-#: PostgreSQL limit); base64 grows by 4/3, and the run id and keys need the rest.
+#: PostgreSQL limit); base64 grows by 4/3, and the nonce, tag, MAC, run id and keys need the rest.
 MAX_INLINE_BYTES = 4096
 
 
@@ -60,31 +83,107 @@ class ChunkPublished:
 Notification = RunChanged | ChunkPublished
 
 
-def inline_data(data: bytes) -> str:
-    """The ``data`` field of a chunk notification: base64 of the chunk's bytes."""
-    return base64.b64encode(data).decode("ascii")
+class NotificationKey:
+    """The keys derived from a database's notification secret (32 random bytes).
+
+    One key signs payloads (HMAC-SHA256), another seals inline chunk data (AES-256-GCM with
+    the run id as associated data). Both are derived with HMAC-SHA256 under fixed labels, so
+    the stored secret itself is never used directly.
+    """
+
+    __slots__ = ("_mac_key", "_sealer", "inner_pad", "outer_pad")
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < 32:
+            raise ValueError("a notification secret has at least 32 bytes")
+        self._mac_key = hmac.digest(secret, b"registry/v2 notification mac", "sha256")
+        self._sealer = AESGCM(hmac.digest(secret, b"registry/v2 inline chunk data", "sha256"))
+        block = self._mac_key.ljust(64, b"\0")
+        #: HMAC's inner and outer padded keys, for statements that sign in SQL:
+        #: ``sha256(outer_pad || sha256(inner_pad || message))`` is HMAC-SHA256 (RFC 2104)
+        self.inner_pad = bytes(byte ^ 0x36 for byte in block)
+        self.outer_pad = bytes(byte ^ 0x5C for byte in block)
+
+    def sign(self, text: str) -> str:
+        """The payload for JSON ``text``: its MAC in hex, then the text."""
+        return hmac.new(self._mac_key, text.encode(), hashlib.sha256).hexdigest() + text
+
+    def verify(self, payload: str) -> str | None:
+        """The JSON text of a payload whose MAC verifies, else ``None``."""
+        mac, text = payload[:MAC_LENGTH], payload[MAC_LENGTH:]
+        expected = hmac.new(self._mac_key, text.encode(), hashlib.sha256).hexdigest()
+        # as bytes: a forged MAC may hold characters compare_digest refuses in a str
+        return text if hmac.compare_digest(mac.encode(), expected.encode()) else None
+
+    def seal(self, run_id: str, data: bytes) -> str:
+        """Inline ``data`` of a chunk of ``run_id``: base64 of nonce, ciphertext and tag."""
+        nonce = os.urandom(_NONCE_BYTES)
+        sealed = self._sealer.encrypt(nonce, data, run_id.encode())
+        return base64.b64encode(nonce + sealed).decode("ascii")
+
+    def unseal(self, run_id: str, field: str) -> bytes | None:
+        """The data :meth:`seal` sealed for ``run_id``, or ``None`` if it does not open."""
+        try:
+            raw = base64.b64decode(field, validate=True)
+            return self._sealer.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], run_id.encode())
+        except (InvalidTag, ValueError, binascii.Error):
+            return None
 
 
-def encode(notification: Notification) -> str:
-    """The JSON payload of ``notification`` (compact; :func:`parse` reads it back)."""
+class Keyring:
+    """A registry's :class:`NotificationKey`, read from the database once, when first needed.
+
+    ``load`` returns the secret (a statement of ``repository``); concurrent first callers
+    share one load. Read-only callers (inspection, auditing) never need it.
+    """
+
+    __slots__ = ("_key", "_load", "_lock")
+
+    def __init__(self, load: Callable[[], Awaitable[bytes]]) -> None:
+        self._load = load
+        self._key: NotificationKey | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def key(self) -> NotificationKey | None:
+        """The key once loaded, else ``None``."""
+        return self._key
+
+    async def get(self) -> NotificationKey:
+        """The key, loading the secret on the first call."""
+        if self._key is None:
+            async with self._lock:
+                if self._key is None:
+                    self._key = NotificationKey(await self._load())
+        return self._key
+
+
+def encode(notification: Notification, key: NotificationKey) -> str:
+    """The signed payload of ``notification`` (compact; :func:`parse` reads it back)."""
     if isinstance(notification, ChunkPublished):
+        data = notification.data
         fields: dict[str, object] = {
             "kind": NotificationKind.CHUNK.value,
             "id": notification.run_id,
             "seq": notification.seq,
-            "data": None if notification.data is None else inline_data(notification.data),
+            "data": None if data is None else key.seal(notification.run_id, data),
         }
     else:
         if notification.kind is NotificationKind.CHUNK:
             raise ValueError("a chunk notification is a ChunkPublished")
         fields = {"kind": notification.kind.value, "id": notification.run_id}
-    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
+    return key.sign(json.dumps(fields, separators=(",", ":"), ensure_ascii=False))
 
 
-def parse(payload: str) -> Notification | None:
-    """Read a payload; ``None`` if it is not one of the shapes above."""
+def parse(payload: str, key: NotificationKey) -> Notification | None:
+    """Read a payload; ``None`` if its MAC does not verify under ``key`` or it is not one of
+    the shapes above. Inline data that does not unseal is dropped (``data`` is ``None``: the
+    subscriber reads the table)."""
+    text = key.verify(payload)
+    if text is None:
+        return None
     try:
-        fields = json.loads(payload)
+        fields = json.loads(text)
         kind = NotificationKind(fields["kind"])
         run_id = fields["id"]
         if not isinstance(run_id, str):
@@ -95,8 +194,8 @@ def parse(payload: str) -> Notification | None:
         if not isinstance(seq, int) or isinstance(seq, bool):
             return None
         data = fields.get("data")
-        return ChunkPublished(
-            run_id, seq, None if data is None else base64.b64decode(data, validate=True)
-        )
+        if data is not None and not isinstance(data, str):
+            return None
+        return ChunkPublished(run_id, seq, None if data is None else key.unseal(run_id, data))
     except (ValueError, KeyError, TypeError, binascii.Error):
         return None

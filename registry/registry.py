@@ -31,6 +31,7 @@ from registry.models import (
     check_decision_batch,
     check_id,
 )
+from registry.notifications import NotificationKey
 from registry.schema import check_revision
 from registry.settings import RegistrySettings
 from registry.streams import StreamSubscription
@@ -132,6 +133,11 @@ class RunRegistry(RegistryInspector):
         """The LISTEN connection's supervisor (``None`` when connected with ``listen=False``)."""
         return self._parts.listener
 
+    async def _key(self) -> NotificationKey:
+        # writes notify: they sign with the database's notification key (read once)
+        self._check_open()
+        return await self._parts.keyring.get()
+
     def _handle(self, record: RunRecord) -> RunHandle:
         return RunHandle(self._parts, record)
 
@@ -148,7 +154,7 @@ class RunRegistry(RegistryInspector):
         check_id("run_id", run_id)
         check_id("agent_id", agent_id)
         check_id("thread_id", thread_id)
-        self._check_open()
+        key = await self._key()
         for attempt in range(1, _REGISTER_ATTEMPTS + 1):
             try:
                 async with self._lane.transaction() as connection:
@@ -159,6 +165,7 @@ class RunRegistry(RegistryInspector):
                         agent_id=agent_id,
                         owner_id=self.worker_id,
                         lease=self._parts.leases.lease,
+                        key=key,
                     )
             except Exception as exc:
                 name = constraint_name(exc)
@@ -198,9 +205,9 @@ class RunRegistry(RegistryInspector):
         Returns ``False`` if the run was not active (the row stays as history either way).
         """
         check_id("run_id", run_id)
-        self._check_open()
+        key = await self._key()
         async with self._lane.transaction() as connection:
-            ended = await repository.end_run(connection, run_id)
+            ended = await repository.end_run(connection, run_id, key)
         self._parts.leases.let_go(run_id)
         return ended
 
@@ -236,9 +243,10 @@ class RunRegistry(RegistryInspector):
         check_id("agent_id", agent_id)
         check_id("thread_id", thread_id)
         batch, results = self._check_decisions(decisions)
+        key = await self._key()
         async with self._lane.autocommit() as connection:
             result = await repository.forward_by_thread(
-                connection, agent_id, thread_id, batch, results
+                connection, agent_id, thread_id, batch, results, key
             )
         return None if result is None else ForwardedDecision(result.thread_id, result.run_id)
 
@@ -253,8 +261,9 @@ class RunRegistry(RegistryInspector):
         """
         check_id("run_id", run_id)
         batch, results = self._check_decisions(decisions)
+        key = await self._key()
         async with self._lane.autocommit() as connection:
-            result = await repository.forward_by_run_id(connection, run_id, batch, results)
+            result = await repository.forward_by_run_id(connection, run_id, batch, results, key)
         return None if result is None else ForwardedDecision(result.thread_id, result.run_id)
 
     def _check_decisions(self, decisions: object) -> tuple[list[ToolCallDecision], list[str]]:
@@ -272,9 +281,9 @@ class RunRegistry(RegistryInspector):
         re-check if the notification is lost). The run stays active until it is removed.
         """
         check_id("run_id", run_id)
-        self._check_open()
+        key = await self._key()
         async with self._lane.autocommit() as connection:
-            return await repository.request_cancel_by_id(connection, run_id) is not None
+            return await repository.request_cancel_by_id(connection, run_id, key) is not None
 
     async def cancel_active_run_by_thread(
         self, thread_id: str, *, agent_id: str | None = None
@@ -287,9 +296,9 @@ class RunRegistry(RegistryInspector):
         check_id("thread_id", thread_id)
         if agent_id is not None:
             check_id("agent_id", agent_id)
-        self._check_open()
+        key = await self._key()
         async with self._lane.autocommit() as connection:
-            return await repository.request_cancel_by_thread(connection, thread_id, agent_id)
+            return await repository.request_cancel_by_thread(connection, thread_id, agent_id, key)
 
     # --- ownership and recovery --------------------------------------------------------------
 
@@ -323,7 +332,9 @@ class RunRegistry(RegistryInspector):
         self._check_open()
         lease = self._parts.leases.lease
         async with self._lane.autocommit() as connection:
-            records = await repository.adopt_orphans(connection, self.worker_id, lease, limit)
+            records = await repository.adopt_orphans(
+                connection, self.worker_id, lease, limit, list(self._parts.leases.held())
+            )
         return self._take(records)
 
     def _take(self, records: list[RunRecord]) -> list[RunHandle]:

@@ -30,10 +30,28 @@ from registry.models import (
     StreamChunk,
     ToolCallDecision,
 )
-from registry.notifications import CHANNEL, NotificationKind, RunChanged, encode
+from registry.notifications import (
+    CHANNEL,
+    NotificationKey,
+    NotificationKind,
+    RunChanged,
+    encode,
+)
 
 #: Advisory lock key that serialises concurrent ``migrate`` calls ("registry" in ASCII).
 MIGRATION_LOCK_KEY = 0x7265676973747279
+
+
+def _signed(json_text: str, inner: int, outer: int) -> str:
+    """SQL for the signed payload of the JSON text expression ``json_text``: HMAC-SHA256 in hex
+    (RFC 2104 over the padded keys bound as ``$inner`` and ``$outer``), then the text, as
+    :meth:`NotificationKey.sign` makes it in Python. Only our own expressions go in."""
+    mac = (
+        f"encode(sha256(${outer}::bytea || sha256(${inner}::bytea || "
+        f"convert_to({json_text}, 'UTF8'))), 'hex')"
+    )
+    return f"{mac} || {json_text}"
+
 
 _RUN_COLUMNS = (
     "run_id, thread_id, agent_id, status, owner_id, cancel_requested_at, "
@@ -94,6 +112,7 @@ async def register_run(
     agent_id: str,
     owner_id: str,
     lease: timedelta,
+    key: NotificationKey,
 ) -> RunRecord:
     """Make ``run_id`` the thread's active run, owned by ``owner_id``, inside the caller's
     transaction; the run active before it (if any) is superseded and its open decisions are
@@ -107,8 +126,9 @@ async def register_run(
     reason = f"superseded by run {run_id}"
     old: str | None = await connection.fetchval(_SUPERSEDE_ACTIVE, thread_id, run_id, reason)
     if old is not None:
+        reason = f"run {old} superseded by run {run_id}"
         await drop_open_decisions_and_notify(
-            connection, old, f"run {old} superseded by run {run_id}", NotificationKind.SUPERSEDED
+            connection, old, reason, NotificationKind.SUPERSEDED, key
         )
     row = await connection.fetchrow(_INSERT_RUN, run_id, thread_id, agent_id, owner_id, lease)
     assert row is not None  # INSERT ... RETURNING of one row
@@ -125,7 +145,9 @@ _END_RUN = """
 """
 
 
-async def end_run(connection: DriverConnection, run_id: str, *, epoch: int | None = None) -> bool:
+async def end_run(
+    connection: DriverConnection, run_id: str, key: NotificationKey, *, epoch: int | None = None
+) -> bool:
     """Finish an active run inside the caller's transaction: ``cancelled`` if a cancel was
     requested, else ``completed``; its open decisions are dropped with an ``ended``
     notification. ``False`` (nothing written) if the run was not active, or, with ``epoch``,
@@ -133,7 +155,7 @@ async def end_run(connection: DriverConnection, run_id: str, *, epoch: int | Non
     if await connection.fetchval(_END_RUN, run_id, epoch) is None:
         return False
     reason = f"run {run_id} ended"
-    await drop_open_decisions_and_notify(connection, run_id, reason, NotificationKind.ENDED)
+    await drop_open_decisions_and_notify(connection, run_id, reason, NotificationKind.ENDED, key)
     return True
 
 
@@ -173,6 +195,8 @@ class RunState:
     cancel_requested: bool
     #: the newest chunk seq, or ``None`` if the run has no (retained) stream
     stream_seq: int | None
+    #: the fencing token of the run's current owner
+    owner_epoch: int = 1
 
 
 def _run_state(row: Row) -> RunState:
@@ -181,11 +205,13 @@ def _run_state(row: Row) -> RunState:
         RunStatus(row["status"]),
         row["cancel_requested_at"] is not None,
         row["stream_seq"],
+        row["owner_epoch"],
     )
 
 
 _RUN_STATES = """
-    SELECT run_id, status, cancel_requested_at, stream_seq FROM runs WHERE run_id = ANY($1::text[])
+    SELECT run_id, status, cancel_requested_at, stream_seq, owner_epoch
+      FROM runs WHERE run_id = ANY($1::text[])
 """
 
 
@@ -194,7 +220,9 @@ async def run_states(connection: DriverConnection, run_ids: Sequence[str]) -> li
     return [_run_state(row) for row in await connection.fetch(_RUN_STATES, list(run_ids))]
 
 
-_STREAM_STATE = "SELECT run_id, status, cancel_requested_at, stream_seq FROM runs WHERE run_id = $1"
+_STREAM_STATE = """
+    SELECT run_id, status, cancel_requested_at, stream_seq, owner_epoch FROM runs WHERE run_id = $1
+"""
 
 
 async def stream_state(connection: DriverConnection, run_id: str) -> RunState | None:
@@ -214,37 +242,50 @@ _CANCEL_BY_ID = """
 """
 
 
-async def request_cancel_by_id(connection: DriverConnection, run_id: str) -> str | None:
+async def request_cancel_by_id(
+    connection: DriverConnection, run_id: str, key: NotificationKey
+) -> str | None:
     """Record a cancel request on the active run ``run_id`` and notify; return its id.
 
     The first request's time is kept; repeating it is harmless and notifies again.
     """
-    payload = encode(RunChanged(NotificationKind.CANCEL, run_id))
+    payload = encode(RunChanged(NotificationKind.CANCEL, run_id), key)
     row = await connection.fetchrow(_CANCEL_BY_ID, run_id, CHANNEL, payload)
     return None if row is None else str(row["run_id"])
 
 
-_CANCEL_BY_THREAD = """
+_CANCEL_BY_THREAD = f"""
     WITH cancelled AS (
         UPDATE runs
            SET cancel_requested_at = coalesce(cancel_requested_at, now()), updated_at = now()
          WHERE thread_id = $1 AND status = 'active' AND ($2::text IS NULL OR agent_id = $2::text)
         RETURNING run_id
+    ), payload AS (
+        SELECT run_id, json_build_object('kind', $4::text, 'id', run_id)::text AS body
+          FROM cancelled
     )
-    SELECT run_id, pg_notify($3, json_build_object('kind', $4::text, 'id', run_id)::text)
-      FROM cancelled
+    SELECT run_id, pg_notify($3, {_signed("body", 5, 6)}) FROM payload
 """
 
 
 async def request_cancel_by_thread(
-    connection: DriverConnection, thread_id: str, agent_id: str | None = None
+    connection: DriverConnection,
+    thread_id: str,
+    agent_id: str | None,
+    key: NotificationKey,
 ) -> str | None:
     """Record a cancel request on the thread's active run and notify; return the run's id.
 
     With ``agent_id``, only if that agent owns the run.
     """
     row = await connection.fetchrow(
-        _CANCEL_BY_THREAD, thread_id, agent_id, CHANNEL, NotificationKind.CANCEL.value
+        _CANCEL_BY_THREAD,
+        thread_id,
+        agent_id,
+        CHANNEL,
+        NotificationKind.CANCEL.value,
+        key.inner_pad,
+        key.outer_pad,
     )
     return None if row is None else str(row["run_id"])
 
@@ -335,6 +376,9 @@ _ADOPT_ORPHANS = f"""
             SELECT run_id FROM runs
              WHERE status = 'active'
                AND (lease_expires_at IS NULL OR lease_expires_at < now())
+               -- not a run the adopter holds itself (its heartbeat fell behind): adopting it
+               -- would fence off its own handles
+               AND run_id <> ALL($4::text[])
              ORDER BY lease_expires_at NULLS FIRST, created_at
              LIMIT $3
                FOR UPDATE SKIP LOCKED
@@ -346,17 +390,22 @@ _ADOPT_ORPHANS = f"""
 
 
 async def adopt_orphans(
-    connection: DriverConnection, owner_id: str, lease: timedelta, limit: int
+    connection: DriverConnection,
+    owner_id: str,
+    lease: timedelta,
+    limit: int,
+    held: Sequence[str] = (),
 ) -> list[RunRecord]:
-    """Claim up to ``limit`` active runs whose lease expired; never one claimed by another.
+    """Claim up to ``limit`` active runs whose lease expired, except those in ``held`` (the
+    adopter's own); never one claimed by another. The owner epoch of each moves on.
 
     ``SKIP LOCKED`` lets concurrent adopters take disjoint runs without waiting.
     """
-    rows = await connection.fetch(_ADOPT_ORPHANS, owner_id, lease, limit)
+    rows = await connection.fetch(_ADOPT_ORPHANS, owner_id, lease, limit, list(held))
     return sorted((_run_record(row) for row in rows), key=lambda run: run.created_at)
 
 
-_SWEEP_CANCELLED_ORPHANS = """
+_SWEEP_CANCELLED_ORPHANS = f"""
     WITH swept AS (
         UPDATE runs
            SET status = 'cancelled', end_reason = 'cancelled while its owner was gone',
@@ -364,20 +413,29 @@ _SWEEP_CANCELLED_ORPHANS = """
          WHERE status = 'active' AND cancel_requested_at IS NOT NULL
            AND lease_expires_at < now() - $1::interval
         RETURNING run_id
+    ), payload AS (
+        SELECT json_build_object('kind', $3::text, 'id', run_id)::text AS body FROM swept
     ), notified AS (
-        SELECT pg_notify($2, json_build_object('kind', $3::text, 'id', run_id)::text) FROM swept
+        SELECT pg_notify($2, {_signed("body", 4, 5)}) FROM payload
     )
     SELECT run_id, (SELECT count(*) FROM notified) AS notified FROM swept
 """
 
 
-async def sweep_cancelled_orphans(connection: DriverConnection, grace: timedelta) -> list[str]:
+async def sweep_cancelled_orphans(
+    connection: DriverConnection, grace: timedelta, key: NotificationKey
+) -> list[str]:
     """Finish as ``cancelled`` the runs whose cancel is pending and whose lease expired more
     than ``grace`` ago (nobody adopted them); return their ids. Their decisions are dropped
     by the caller in a following statement.
     """
     rows = await connection.fetch(
-        _SWEEP_CANCELLED_ORPHANS, grace, CHANNEL, NotificationKind.ENDED.value
+        _SWEEP_CANCELLED_ORPHANS,
+        grace,
+        CHANNEL,
+        NotificationKind.ENDED.value,
+        key.inner_pad,
+        key.outer_pad,
     )
     return [row["run_id"] for row in rows]
 
@@ -411,10 +469,14 @@ _DROP_OPEN_DECISIONS_AND_NOTIFY = """
 
 
 async def drop_open_decisions_and_notify(
-    connection: DriverConnection, run_id: str, reason: str, kind: NotificationKind
+    connection: DriverConnection,
+    run_id: str,
+    reason: str,
+    kind: NotificationKind,
+    key: NotificationKey,
 ) -> int:
     """:func:`drop_open_decisions` and a ``kind`` notification of the run, in one round trip."""
-    payload = encode(RunChanged(kind, run_id))
+    payload = encode(RunChanged(kind, run_id), key)
     dropped = await connection.fetchval(
         _DROP_OPEN_DECISIONS_AND_NOTIFY, run_id, reason, CHANNEL, payload
     )
@@ -424,10 +486,10 @@ async def drop_open_decisions_and_notify(
 # One statement: lock the active run FOR SHARE (so a concurrent supersede or remove waits and
 # then drops what we add), insert the batch in order, skip decision ids already stored, and
 # notify only if something new was stored. One statement is one transaction: all or none.
-_FORWARD = """
+_FORWARD = f"""
     WITH run AS (
         SELECT run_id, thread_id, agent_id FROM runs
-         WHERE {run_filter} AND status = 'active'
+         WHERE {{run_filter}} AND status = 'active'
            FOR SHARE
     ), inserted AS (
         INSERT INTO decisions (run_id, thread_id, agent_id, decision_id, target_id, action,
@@ -441,18 +503,20 @@ _FORWARD = """
          ORDER BY d.ord
         ON CONFLICT (run_id, decision_id) WHERE decision_id <> '' DO NOTHING
         RETURNING id
-    ), notified AS (
-        SELECT pg_notify($7, json_build_object('kind', $8::text, 'id', run_id)::text)
+    ), payload AS (
+        SELECT json_build_object('kind', $8::text, 'id', run_id)::text AS body
           FROM run
          WHERE EXISTS (SELECT FROM inserted)
+    ), notified AS (
+        SELECT pg_notify($7, {_signed("body", 9, 10)}) FROM payload
     )
     SELECT run.run_id, run.thread_id,
            (SELECT count(*) FROM inserted) AS inserted,
            (SELECT count(*) FROM notified) AS notified
       FROM run
 """
-_FORWARD_BY_RUN_ID = _FORWARD.format(run_filter="run_id = $9")
-_FORWARD_BY_THREAD = _FORWARD.format(run_filter="thread_id = $9 AND agent_id = $10")
+_FORWARD_BY_RUN_ID = _FORWARD.replace("{run_filter}", "run_id = $11")
+_FORWARD_BY_THREAD = _FORWARD.replace("{run_filter}", "thread_id = $11 AND agent_id = $12")
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,7 +529,7 @@ class ForwardResult:
 
 
 def _forward_arguments(
-    decisions: Sequence[ToolCallDecision], results: Sequence[str]
+    decisions: Sequence[ToolCallDecision], results: Sequence[str], key: NotificationKey
 ) -> tuple[object, ...]:
     return (
         [d.decision_id for d in decisions],
@@ -476,6 +540,8 @@ def _forward_arguments(
         [d.updated_at for d in decisions],
         CHANNEL,
         NotificationKind.DECISION.value,
+        key.inner_pad,
+        key.outer_pad,
     )
 
 
@@ -490,12 +556,13 @@ async def forward_by_run_id(
     run_id: str,
     decisions: Sequence[ToolCallDecision],
     results: Sequence[str],
+    key: NotificationKey,
 ) -> ForwardResult | None:
     """Queue ``decisions`` on the active run ``run_id``; ``None`` if it is not active.
 
     ``results`` holds each decision's ``result`` already encoded as JSON text.
     """
-    arguments = _forward_arguments(decisions, results)
+    arguments = _forward_arguments(decisions, results, key)
     return _forward_result(await connection.fetchrow(_FORWARD_BY_RUN_ID, *arguments, run_id))
 
 
@@ -505,12 +572,13 @@ async def forward_by_thread(
     thread_id: str,
     decisions: Sequence[ToolCallDecision],
     results: Sequence[str],
+    key: NotificationKey,
 ) -> ForwardResult | None:
     """Queue ``decisions`` on the thread's active run if ``agent_id`` owns it, else ``None``.
 
     ``results`` holds each decision's ``result`` already encoded as JSON text.
     """
-    arguments = _forward_arguments(decisions, results)
+    arguments = _forward_arguments(decisions, results, key)
     row = await connection.fetchrow(_FORWARD_BY_THREAD, *arguments, thread_id, agent_id)
     return _forward_result(row)
 
@@ -621,9 +689,12 @@ async def claim_decisions(
     return Claim(deliveries, examined, dead, full=len(rows) >= limit)
 
 
+# Unlike the claim, the ack takes no lock on the run: an ack racing an adoption can only mark
+# acked a decision the old owner did apply, and a decision is acked once (status 'delivered'
+# to 'acked'), so none is acked by both owners; once the adoption is visible, acks are refused.
 _ACK_DECISION = """
     WITH owner AS (
-        SELECT 1 FROM runs WHERE run_id = $2 AND owner_epoch = $3 FOR KEY SHARE
+        SELECT 1 FROM runs WHERE run_id = $2 AND owner_epoch = $3
     ), acked AS (
         UPDATE decisions SET status = 'acked', acked_at = now()
          WHERE id = $1 AND run_id = $2 AND status = 'delivered'
@@ -639,8 +710,7 @@ async def ack_decision(
     connection: DriverConnection, run_id: str, delivery_id: int, *, epoch: int | None
 ) -> bool | None:
     """Mark a delivered decision acknowledged; ``False`` if it was not awaiting an ack, and
-    ``None`` (nothing written) if, with ``epoch``, the run is held under another owner epoch
-    (locked as the claim locks it)."""
+    ``None`` (nothing written) if, with ``epoch``, the run is held under another owner epoch."""
     row = await connection.fetchrow(_ACK_DECISION, delivery_id, run_id, epoch)
     assert row is not None  # a SELECT without FROM returns one row
     if not row["owned"]:
@@ -706,7 +776,7 @@ async def bind_stream(connection: DriverConnection, run_id: str) -> bool:
     return await connection.fetchval(_BIND_STREAM, run_id) is not None
 
 
-_APPEND_CHUNKS = """
+_APPEND_CHUNKS = f"""
     WITH allocated AS (
         -- the row lock serialises publishers of one run, so seqs commit in order, gapless
         UPDATE runs SET stream_seq = stream_seq + $2::bigint
@@ -718,11 +788,14 @@ _APPEND_CHUNKS = """
         SELECT allocated.run_id, allocated.last_seq - $2::bigint + chunk.ord, chunk.data
           FROM allocated, unnest($3::bytea[]) WITH ORDINALITY AS chunk(data, ord)
         RETURNING seq
-    ), notified AS (
-        SELECT pg_notify($4, json_build_object(
-                   'kind', $5::text, 'id', run_id, 'seq', last_seq, 'data', $6::text)::text)
+    ), payload AS (
+        SELECT json_build_object(
+                   'kind', $5::text, 'id', run_id, 'seq', last_seq, 'data', $6::text
+               )::text AS body
           FROM allocated
          WHERE $7::boolean
+    ), notified AS (
+        SELECT pg_notify($4, {_signed("body", 9, 10)}) FROM payload
     )
     SELECT last_seq, (SELECT count(*) FROM inserted) AS inserted,
            (SELECT count(*) FROM notified) AS notified
@@ -737,14 +810,15 @@ async def append_chunks(
     *,
     notify: bool,
     inline: str | None,
+    key: NotificationKey,
     epoch: int | None = None,
 ) -> int | None:
     """Append ``chunks`` to the run's open stream; return the last seq, ``None`` if closed
     (or, with ``epoch``, if the run is held under another owner epoch: tell the two apart with
     :func:`owner_epoch_of`).
 
-    With ``notify``, a wake-up goes out at commit, carrying ``inline``
-    (:func:`~registry.notifications.inline_data` of a single small chunk) when given.
+    With ``notify``, a wake-up signed with ``key`` goes out at commit, carrying ``inline``
+    (:meth:`~registry.notifications.NotificationKey.seal` of a single small chunk) when given.
     """
     last_seq = await connection.fetchval(
         _APPEND_CHUNKS,
@@ -756,6 +830,8 @@ async def append_chunks(
         inline,
         notify,
         epoch,
+        key.inner_pad,
+        key.outer_pad,
     )
     return None if last_seq is None else int(last_seq)
 
@@ -923,6 +999,17 @@ async def health_probe(connection: DriverConnection) -> None:
     await connection.fetchval(_HEALTH_PROBE)
 
 
+_NOTIFICATION_SECRET = "SELECT secret FROM notification_secrets WHERE id = 1"
+
+
+async def notification_secret(connection: DriverConnection) -> bytes:
+    """The database's notification secret (readable by registry roles only)."""
+    secret: bytes | None = await connection.fetchval(_NOTIFICATION_SECRET)
+    if secret is None:  # pragma: no cover - migration 0005 writes the row
+        raise RuntimeError("notification_secrets has no row; run the migrations")
+    return bytes(secret)
+
+
 _HAS_VERSION_TABLE = "SELECT to_regclass('alembic_version') IS NOT NULL"
 _SCHEMA_REVISION = "SELECT version_num FROM alembic_version"
 
@@ -981,7 +1068,8 @@ def application_grants(role: str, database: str) -> list[str]:
     """The statements that give ``role`` what the registry needs at run time, and no DDL.
 
     Reads and writes on the three tables, deletes on ``stream_chunks`` (pruning), read access
-    to ``alembic_version`` (the schema check). Migrations run as a different, owning role.
+    to ``alembic_version`` (the schema check) and to ``notification_secrets`` (the key that
+    signs notifications). Migrations run as a different, owning role.
     """
     quoted_role, quoted_database = _database_identifier(role), _database_identifier(database)
     return [
@@ -990,4 +1078,5 @@ def application_grants(role: str, database: str) -> list[str]:
         f"GRANT SELECT, INSERT, UPDATE ON runs, decisions, stream_chunks TO {quoted_role}",
         f"GRANT DELETE ON stream_chunks TO {quoted_role}",
         f"GRANT SELECT ON alembic_version TO {quoted_role}",
+        f"GRANT SELECT ON notification_secrets TO {quoted_role}",
     ]

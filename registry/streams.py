@@ -27,7 +27,7 @@ from registry import repository
 from registry.connections import ConnectionLane
 from registry.errors import LeaseLostError, RegistryClosedError, StreamClosedError
 from registry.models import StreamChunk
-from registry.notifications import ChunkPublished, encode, inline_data
+from registry.notifications import ChunkPublished, Keyring, encode
 from registry.watch import Dispatcher, RunWatch
 
 logger = logging.getLogger(__name__)
@@ -59,8 +59,11 @@ class ChunkPublisher:
     A returned publish is committed; only its wake-up may be a window late.
     """
 
-    def __init__(self, lane: ConnectionLane, *, window: float, inline_limit: int) -> None:
+    def __init__(
+        self, lane: ConnectionLane, keyring: Keyring, *, window: float, inline_limit: int
+    ) -> None:
         self._lane = lane
+        self._keyring = keyring
         self._window = window
         self._inline_limit = inline_limit
         self._notified_at: dict[str, float] = {}
@@ -83,15 +86,16 @@ class ChunkPublisher:
             raise RegistryClosedError()
         if not chunks:
             return []
+        key = await self._keyring.get()
         now = asyncio.get_running_loop().time()
         last = self._notified_at.get(run_id)
         notify = last is None or now - last >= self._window
         inline = None
         if notify and len(chunks) == 1 and len(chunks[0]) <= self._inline_limit:
-            inline = inline_data(chunks[0])
+            inline = key.seal(run_id, chunks[0])
         async with self._lane.autocommit() as connection:
             last_seq = await repository.append_chunks(
-                connection, run_id, chunks, notify=notify, inline=inline, epoch=epoch
+                connection, run_id, chunks, notify=notify, inline=inline, key=key, epoch=epoch
             )
             if last_seq is None and epoch is not None:
                 current = await repository.owner_epoch_of(connection, run_id)
@@ -159,8 +163,9 @@ class ChunkPublisher:
             for run_id in due:
                 del self._pending[run_id]
                 self._notified_at[run_id] = now
-            payloads = [encode(ChunkPublished(run_id, seq)) for run_id, seq in due.items()]
             try:
+                key = await self._keyring.get()  # loaded by the publish that got us here
+                payloads = [encode(ChunkPublished(run_id, seq), key) for run_id, seq in due.items()]
                 async with self._lane.autocommit() as connection:
                     await repository.notify(connection, payloads)
             except RegistryClosedError:

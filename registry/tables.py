@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -148,4 +149,16 @@ stream_chunks = Table(
     Column("data", LargeBinary, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint("seq >= 1", name="seq"),
+)
+
+
+#: The per-database secret that signs notifications and seals inline chunk data (one row).
+notification_secrets = Table(
+    "notification_secrets",
+    metadata,
+    Column("id", SmallInteger, primary_key=True),
+    Column("secret", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("id = 1", name="one_row"),
+    CheckConstraint("octet_length(secret) >= 32", name="length"),
 )

@@ -24,6 +24,7 @@ from registry import repository
 from registry.connections import ConnectionLane
 from registry.errors import RegistryClosedError
 from registry.models import RunRecord, RunStatus
+from registry.notifications import Keyring
 from registry.watch import Dispatcher, Lease, RunWatch
 
 logger = logging.getLogger(__name__)
@@ -43,12 +44,14 @@ class LeaseKeeper:
         self,
         lane: ConnectionLane,
         dispatcher: Dispatcher,
+        keyring: Keyring,
         *,
         lease_seconds: float,
         heartbeat_interval: float,
     ) -> None:
         self._lane = lane
         self._dispatcher = dispatcher
+        self._keyring = keyring
         self.lease = timedelta(seconds=lease_seconds)
         self._interval = heartbeat_interval
         self._held: dict[str, Lease] = {}
@@ -160,8 +163,9 @@ class LeaseKeeper:
     async def sweep_cancelled_orphans(self) -> list[str]:
         """Finish as ``cancelled`` the active runs whose cancel is pending and whose lease
         expired more than one lease ago; drop their open decisions; return their ids."""
+        key = await self._keyring.get()
         async with self._lane.transaction() as connection:
-            swept = await repository.sweep_cancelled_orphans(connection, self.lease)
+            swept = await repository.sweep_cancelled_orphans(connection, self.lease, key)
             for run_id in swept:
                 await repository.drop_open_decisions(
                     connection, run_id, f"run {run_id} cancelled while its owner was gone"
@@ -249,8 +253,9 @@ class SafetyNet:
         """Re-check now rather than at the next interval (after a listener reconnect)."""
         self._now.set()
 
-    async def refresh(self, watch: RunWatch) -> None:
-        """Re-read one run's row now and apply it (a token's ``refresh``)."""
+    async def refresh(self, watch: RunWatch) -> int | None:
+        """Re-read one run's row now and apply it (a token's ``refresh``); return the run's
+        owner epoch while it is active, else ``None``."""
         states = await self._lane.retry_once(
             lambda connection: repository.run_states(connection, [watch.run_id])
         )
@@ -258,6 +263,9 @@ class SafetyNet:
             watch.end()
         for state in states:
             watch.apply(state.status, cancel_requested=state.cancel_requested)
+            if state.status is RunStatus.ACTIVE:
+                return state.owner_epoch
+        return None
 
     async def recheck(self) -> None:
         """Re-read the tables for every live watch, in two round trips at most."""

@@ -41,6 +41,8 @@ LOST_WITHIN = 1.0
 LINE_TIMEOUT = 20.0
 #: deadline for the heir to see what it waits for
 HEIR_TIMEOUT = 5.0
+#: deadline for each thing the owner must say after SIGCONT (a wait, not the bound checked)
+OUTCOME_TIMEOUT = 3.0
 
 
 class Owner:
@@ -78,8 +80,17 @@ class Owner:
         self, what: str, matches: Callable[[list[str]], bool], timeout: float = LINE_TIMEOUT
     ) -> tuple[float, list[str]]:
         """The first line (arrival time, words) that ``matches``, waiting up to ``timeout``."""
-        try:
-            async with asyncio.timeout(timeout):
+        found = await self.maybe_first(matches, timeout)
+        if found is None:
+            raise AssertionError(f"no {what} within {timeout}s from {self.story()}")
+        return found
+
+    async def maybe_first(
+        self, matches: Callable[[list[str]], bool], timeout: float
+    ) -> tuple[float, list[str]] | None:
+        """Like :meth:`first`, but ``None`` if no such line came within ``timeout``."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(timeout, 0)):
                 while True:
                     self._changed.clear()
                     for arrived, text in self.lines:
@@ -91,8 +102,7 @@ class Owner:
                     if self._eof:
                         raise AssertionError(f"the owner closed stdout: {self.story()}")
                     await self._changed.wait()
-        except TimeoutError:
-            raise AssertionError(f"no {what} within {timeout}s from {self.story()}") from None
+        return None
 
     async def send(self, text: str) -> None:
         assert self.process.stdin is not None
@@ -197,6 +207,7 @@ async def test_a_stopped_owner_gets_and_acks_nothing_after_the_adoption_and_lear
                 if not adopted:
                     await asyncio.sleep(0.05)
         [handle] = adopted
+        adopted_after = time.monotonic() - stopped_at
         assert (handle.run_id, handle.record.owner_epoch) == ("run-1", 2)
         # ...and consumes its inbox: "held" is delivered again, and acknowledged by the heir
         consumer = asyncio.create_task(consume(handle.decisions(), heir_got))
@@ -217,14 +228,15 @@ async def test_a_stopped_owner_gets_and_acks_nothing_after_the_adoption_and_lear
                 assert await sender.forward_decisions_by_run_id("run-1", [decision(decision_id)])
                 await asyncio.sleep(FORWARD_EVERY)
             await until(lambda: len(heir_got) > FORWARDS, HEIR_TIMEOUT)
-            _, ack_of_held = await owner.first(
-                "outcome of the ack of 'held'",
-                lambda w: w[0] in ("acked", "ack-refused") and w[1] == "held",
+            # what the owner says after SIGCONT, each awaited a bounded time (checked below)
+            ack_of_held = await owner.maybe_first(
+                lambda w: w[0] in ("acked", "ack-refused") and w[1] == "held", OUTCOME_TIMEOUT
             )
-            tripped_at, tripped = await owner.first(
-                "'token-tripped'", lambda w: w[0] == "token-tripped"
+            tripped = await owner.maybe_first(
+                lambda w: w[0] == "token-tripped",
+                resumed_at + LOST_WITHIN + OUTCOME_TIMEOUT - time.monotonic(),
             )
-            await owner.first("'inbox-lost'", lambda w: w[0] == "inbox-lost")
+            inbox_lost = await owner.maybe_first(lambda w: w[0] == "inbox-lost", OUTCOME_TIMEOUT)
         finally:
             consumer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -235,18 +247,26 @@ async def test_a_stopped_owner_gets_and_acks_nothing_after_the_adoption_and_lear
         f"the owner received decisions after it was stopped: {owner.story()}"
     )
     assert all(float(words[3]) < stopped_wall for words in received), owner.story()
-    assert ack_of_held[0] == "ack-refused", (
+    assert ack_of_held is not None, f"the owner never tried to ack 'held': {owner.story()}"
+    assert ack_of_held[1][0] == "ack-refused", (
         f"the owner's ack of 'held' after the adoption was not refused: {owner.story()}"
     )
     assert [words[1] for words in owner.texts("acked")] == ["before"], owner.story()
-    assert tripped[1] == "lease_lost=true", owner.story()
+    assert tripped is not None, f"the owner's token never tripped: {owner.story()}"
+    tripped_at, tripped_words = tripped
+    assert tripped_words[1] == "lease_lost=true", owner.story()
     assert tripped_at - resumed_at <= LOST_WITHIN, (
         f"the owner learnt it lost the run {tripped_at - resumed_at:.2f}s after SIGCONT"
     )
+    assert inbox_lost is not None, f"the owner's inbox never raised LeaseLostError: {owner.story()}"
     assert heir_got == [("held", 2, True)] + [(d, 1, True) for d in after], (
         f"the heir did not receive every decision exactly once: {heir_got}"
     )
 
+    print(
+        f"\nfencing: adopted {adopted_after:.2f}s after SIGSTOP; the owner was told it lost the"
+        f" run {tripped_at - resumed_at:.3f}s after SIGCONT"
+    )
     rows = await decisions_of_run(url, "run-1")
     assert [(row["decision_id"], row["status"], row["attempts"]) for row in rows] == [
         ("before", "acked", 1),

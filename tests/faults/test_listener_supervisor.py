@@ -22,6 +22,7 @@ from sqlalchemy.engine import make_url
 from registry import RegistrySettings, RunRegistry
 from registry.database import asyncpg_dsn
 from registry.listener import Listener
+from registry.notifications import NotificationKey
 from registry.repository import application_grants, health_probe
 
 #: The server's ``idle_session_timeout`` for the idling role, in seconds.
@@ -162,6 +163,7 @@ async def _started_listener(url: str) -> Listener:
         asyncpg_dsn(url),
         lambda _notification: None,
         lambda: None,
+        key=NotificationKey(bytes(32)),
         probe=health_probe,
         health_interval=60,
     )

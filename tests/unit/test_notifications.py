@@ -1,8 +1,11 @@
-"""The notification wire format: encode and parse, refusal of malformed payloads, size."""
+"""The notification wire format: signed encode and parse, sealed inline data, refusal of
+forged and malformed payloads, size."""
 
 from __future__ import annotations
 
+import base64
 import json
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -10,13 +13,24 @@ from hypothesis import strategies as st
 
 from registry.models import MAX_ID_LENGTH
 from registry.notifications import (
+    MAC_LENGTH,
     MAX_INLINE_BYTES,
     ChunkPublished,
+    NotificationKey,
     NotificationKind,
     RunChanged,
     encode,
     parse,
 )
+
+KEY = NotificationKey(bytes(range(32)))
+OTHER_KEY = NotificationKey(bytes(range(1, 33)))
+
+
+def body(payload: str) -> Any:
+    """The JSON a payload carries after its MAC."""
+    return json.loads(payload[MAC_LENGTH:])
+
 
 #: PostgreSQL refuses a NOTIFY payload of 8000 bytes or more.
 NOTIFY_PAYLOAD_LIMIT = 8000
@@ -37,9 +51,9 @@ pure = settings(suppress_health_check=[HealthCheck.function_scoped_fixture], dea
 @pytest.mark.parametrize("kind", RUN_CHANGED_KINDS)
 @pytest.mark.parametrize("run_id", ["run-1", AWKWARD_RUN_ID])
 def test_run_changed_round_trip(kind: NotificationKind, run_id: str) -> None:
-    payload = encode(RunChanged(kind, run_id))
-    assert json.loads(payload) == {"kind": kind.value, "id": run_id}
-    assert parse(payload) == RunChanged(kind, run_id)
+    payload = encode(RunChanged(kind, run_id), KEY)
+    assert body(payload) == {"kind": kind.value, "id": run_id}
+    assert parse(payload, KEY) == RunChanged(kind, run_id)
 
 
 def test_every_kind_but_chunk_is_a_run_changed() -> None:
@@ -56,33 +70,71 @@ def test_every_kind_but_chunk_is_a_run_changed() -> None:
 @pytest.mark.parametrize("run_id", ["run-1", AWKWARD_RUN_ID])
 def test_chunk_round_trip(data: bytes | None, run_id: str) -> None:
     notification = ChunkPublished(run_id, 42, data)
-    payload = encode(notification)
-    fields = json.loads(payload)
+    payload = encode(notification, KEY)
+    fields = body(payload)
     assert fields["kind"] == "chunk"
     assert fields["id"] == run_id
     assert fields["seq"] == 42
     assert (fields["data"] is None) == (data is None)
-    parsed = parse(payload)
+    parsed = parse(payload, KEY)
     assert parsed == notification
     assert isinstance(parsed, ChunkPublished)
     assert parsed.data == data  # b"" stays b"", not None
 
 
 def test_chunk_data_defaults_to_none() -> None:
-    assert parse(encode(ChunkPublished("r", 1))) == ChunkPublished("r", 1, None)
-    assert parse('{"kind":"chunk","id":"r","seq":1}') == ChunkPublished("r", 1, None)
+    assert parse(encode(ChunkPublished("r", 1), KEY), KEY) == ChunkPublished("r", 1, None)
+    assert parse(KEY.sign('{"kind":"chunk","id":"r","seq":1}'), KEY) == ChunkPublished("r", 1)
 
 
 def test_parse_reads_the_json_build_object_formatting() -> None:
     # the statements in ``repository`` build payloads with PostgreSQL's json_build_object,
-    # which puts spaces around the separators
-    assert parse('{"kind" : "cancel", "id" : "r"}') == RunChanged(NotificationKind.CANCEL, "r")
-    assert parse('{"kind" : "chunk", "id" : "r", "seq" : 7, "data" : "AAE="}') == (
-        ChunkPublished("r", 7, b"\x00\x01")
-    )
-    assert parse('{"kind" : "chunk", "id" : "r", "seq" : 7, "data" : null}') == (
-        ChunkPublished("r", 7, None)
-    )
+    # which puts spaces around the separators, and sign them in SQL
+    cancel = KEY.sign('{"kind" : "cancel", "id" : "r"}')
+    assert parse(cancel, KEY) == RunChanged(NotificationKind.CANCEL, "r")
+    sealed = KEY.seal("r", b"\x00\x01")
+    chunk = KEY.sign(f'{{"kind" : "chunk", "id" : "r", "seq" : 7, "data" : "{sealed}"}}')
+    assert parse(chunk, KEY) == ChunkPublished("r", 7, b"\x00\x01")
+    bare = KEY.sign('{"kind" : "chunk", "id" : "r", "seq" : 7, "data" : null}')
+    assert parse(bare, KEY) == ChunkPublished("r", 7, None)
+
+
+@pytest.mark.parametrize("kind", RUN_CHANGED_KINDS)
+def test_an_unsigned_payload_is_ignored(kind: NotificationKind) -> None:
+    # any role that may connect may NOTIFY on our channel: what it sends without the key is
+    # not a notification
+    assert parse(json.dumps({"kind": kind.value, "id": "r"}), KEY) is None
+    assert parse("0" * MAC_LENGTH + json.dumps({"kind": kind.value, "id": "r"}), KEY) is None
+
+
+def test_a_payload_signed_with_another_key_is_ignored() -> None:
+    assert parse(encode(RunChanged(NotificationKind.CANCEL, "r"), OTHER_KEY), KEY) is None
+
+
+def test_a_tampered_payload_is_ignored() -> None:
+    payload = encode(RunChanged(NotificationKind.ENDED, "run-1"), KEY)
+    assert parse(payload.replace("run-1", "run-2"), KEY) is None
+    assert parse(payload.replace('"ended"', '"cancel"'), KEY) is None
+
+
+def test_inline_data_is_sealed_and_bound_to_its_run() -> None:
+    secret = b"the browser must not see this"
+    payload = encode(ChunkPublished("run-1", 3, secret), KEY)
+    assert secret not in payload.encode()
+    fields = body(payload)
+    assert secret not in base64.b64decode(fields["data"])
+    # sealed for run-1: moved to another run's signed notification, it does not open
+    moved = KEY.sign(json.dumps({"kind": "chunk", "id": "run-2", "seq": 3, "data": fields["data"]}))
+    assert parse(moved, KEY) == ChunkPublished("run-2", 3, None)
+    # forged data under a valid signature (an insider with the key could not do better than
+    # this, an outsider cannot sign at all) does not unseal either
+    forged = KEY.sign(json.dumps({"kind": "chunk", "id": "run-1", "seq": 3, "data": "AAE="}))
+    assert parse(forged, KEY) == ChunkPublished("run-1", 3, None)
+
+
+def test_a_short_secret_is_refused() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        NotificationKey(b"short")
 
 
 @pytest.mark.parametrize(
@@ -122,12 +174,12 @@ def test_parse_reads_the_json_build_object_formatting() -> None:
     ],
 )
 def test_parse_refuses_malformed_payloads(payload: str) -> None:
-    assert parse(payload) is None
+    assert parse(payload, KEY) is None
 
 
 def test_encode_refuses_a_chunk_run_changed() -> None:
     with pytest.raises(ValueError, match="ChunkPublished"):
-        encode(RunChanged(NotificationKind.CHUNK, "r"))
+        encode(RunChanged(NotificationKind.CHUNK, "r"), KEY)
 
 
 @pytest.mark.parametrize(
@@ -144,9 +196,9 @@ def test_largest_inline_chunk_fits_a_notify_payload(run_id: str) -> None:
     notification = ChunkPublished(run_id, 2**63 - 1, bytes(range(256)) * (MAX_INLINE_BYTES // 256))
     assert notification.data is not None
     assert len(notification.data) == MAX_INLINE_BYTES
-    payload = encode(notification)
+    payload = encode(notification, KEY)
     assert len(payload.encode("utf-8")) < NOTIFY_PAYLOAD_LIMIT
-    assert parse(payload) == notification
+    assert parse(payload, KEY) == notification
 
 
 @pure
@@ -157,13 +209,13 @@ def test_largest_inline_chunk_fits_a_notify_payload(run_id: str) -> None:
 )
 def test_chunk_round_trip_property(run_id: str, seq: int, data: bytes | None) -> None:
     notification = ChunkPublished(run_id, seq, data)
-    payload = encode(notification)
+    payload = encode(notification, KEY)
     assert len(payload.encode("utf-8")) < NOTIFY_PAYLOAD_LIMIT
-    assert parse(payload) == notification
+    assert parse(payload, KEY) == notification
 
 
 @pure
 @given(run_id=run_ids, kind=st.sampled_from(RUN_CHANGED_KINDS))
 def test_run_changed_round_trip_property(run_id: str, kind: NotificationKind) -> None:
     notification = RunChanged(kind, run_id)
-    assert parse(encode(notification)) == notification
+    assert parse(encode(notification, KEY), KEY) == notification
