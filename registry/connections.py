@@ -33,7 +33,12 @@ from registry.database import (
     sqlstate,
     translate_errors,
 )
-from registry.errors import DatabaseError, DatabaseUnavailableError, RegistryClosedError
+from registry.errors import (
+    DatabaseError,
+    DatabaseUnavailableError,
+    OutcomeUnknownError,
+    RegistryClosedError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +84,23 @@ class ConnectionLane:
         """Whether :meth:`close` was called."""
         return self._closed
 
-    def autocommit(self) -> contextlib.AbstractAsyncContextManager[DriverConnection]:
-        """A connection for single statements, each its own transaction (one round trip)."""
-        return self._borrow(transaction=False)
+    def autocommit(
+        self, *, write: bool = False
+    ) -> contextlib.AbstractAsyncContextManager[DriverConnection]:
+        """A connection for single statements, each its own transaction (one round trip).
+
+        With ``write``, losing the connection once a statement may have been sent raises
+        :class:`~registry.errors.OutcomeUnknownError`: the statement may have committed.
+        """
+        return self._borrow(transaction=False, write=write)
 
     def transaction(self) -> contextlib.AbstractAsyncContextManager[DriverConnection]:
-        """A connection inside ``BEGIN`` ... ``COMMIT``; rolled back if the block raises."""
-        return self._borrow(transaction=True)
+        """A connection inside ``BEGIN`` ... ``COMMIT``; rolled back if the block raises.
+
+        Losing the connection during the ``COMMIT`` raises
+        :class:`~registry.errors.OutcomeUnknownError`; before it, nothing was written.
+        """
+        return self._borrow(transaction=True, write=True)
 
     async def retry_once(self, operation: Callable[[DriverConnection], Awaitable[_T]]) -> _T:
         """Run a repeatable statement; once more on a fresh connection if the server went away
@@ -135,12 +150,15 @@ class ConnectionLane:
         await asyncio.gather(*(close_quietly(connection, grace=1.0) for connection in idle))
 
     @contextlib.asynccontextmanager
-    async def _borrow(self, *, transaction: bool) -> AsyncIterator[DriverConnection]:
+    async def _borrow(self, *, transaction: bool, write: bool) -> AsyncIterator[DriverConnection]:
         if self._closed:
             raise RegistryClosedError()
         connection: DriverConnection | None = None
         reusable = False
         deadline = asyncio.timeout(self._call_timeout)
+        # whether a lost connection leaves the outcome unknown: a single write once handed
+        # its connection, a transaction once its COMMIT is on the way
+        exposed: _Exposure = _Exposure()
         try:
             async with deadline:
                 with translate_errors():
@@ -148,9 +166,10 @@ class ConnectionLane:
                         connection = await self._take()
                         try:
                             if transaction:
-                                async with _Transaction(connection):
+                                async with _Transaction(connection, exposed):
                                     yield connection
                             else:
+                                exposed.sent = write
                                 yield connection
                             reusable = True
                         except Exception as exc:
@@ -167,9 +186,14 @@ class ConnectionLane:
         except TimeoutError as exc:
             if not deadline.expired():
                 raise
-            raise DatabaseUnavailableError(
-                f"the database did not answer within {self._call_timeout:g} s"
-            ) from exc
+            message = f"the database did not answer within {self._call_timeout:g} s"
+            if exposed.sent:
+                raise OutcomeUnknownError(f"{message}; the write may have committed") from exc
+            raise DatabaseUnavailableError(message) from exc
+        except DatabaseUnavailableError as exc:
+            if not exposed.sent or isinstance(exc, OutcomeUnknownError):
+                raise
+            raise OutcomeUnknownError(f"{exc}; the write may have committed") from exc
 
     def _give_back(self, connection: DriverConnection, *, reusable: bool) -> None:
         # a cancelled statement (BaseException) may leave the protocol mid-reply: terminate
@@ -234,6 +258,15 @@ class ConnectionLane:
         self._discard_idle()
 
 
+class _Exposure:
+    """Whether a write has been sent whose commit is not confirmed yet."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = False
+
+
 class _Transaction:
     """``BEGIN`` ... ``COMMIT``, rolled back when the block raises an exception.
 
@@ -242,10 +275,11 @@ class _Transaction:
     server rolls back a transaction whose connection ends) and the original exception leaves.
     """
 
-    __slots__ = ("_connection",)
+    __slots__ = ("_connection", "_exposed")
 
-    def __init__(self, connection: DriverConnection) -> None:
+    def __init__(self, connection: DriverConnection, exposed: _Exposure) -> None:
         self._connection = connection
+        self._exposed = exposed
 
     async def __aenter__(self) -> None:
         await self._connection.execute("BEGIN")
@@ -257,7 +291,9 @@ class _Transaction:
         traceback: object,
     ) -> None:
         if exc is None:
+            self._exposed.sent = True
             await self._connection.execute("COMMIT")
+            self._exposed.sent = False
         elif isinstance(exc, Exception) and connection_survives(exc):
             try:
                 await self._connection.execute("ROLLBACK")

@@ -32,7 +32,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
@@ -422,7 +421,7 @@ async def _story(
         row is not None
         and row["status"] == RunStatus.ACTIVE.value
         and row["owner_id"] == registered["owner_id"] == worker_id
-        and row["lease_expires_at"] > datetime.now(UTC),
+        and row["lease_held"],
         f"the run outlived its worker: active, lease still held by {worker_id}",
         f"the row says {row}",
     )

@@ -88,6 +88,18 @@ class DatabaseUnavailableError(DatabaseError):
         )
 
 
+class OutcomeUnknownError(DatabaseUnavailableError):
+    """The connection was lost after a write was sent, before its commit was confirmed: it may
+    or may not be stored.
+
+    The registry retries by itself the calls whose retry converges (register, forward,
+    cancel, binding a stream); the others raise this, and retrying them is safe: a second
+    ``publish`` stores the chunks again under new seqs (read the stream to see whether the
+    first one arrived), a second ``ack`` returns ``False`` once the first one had been
+    stored, a second ``remove`` returns ``False`` once the run has ended.
+    """
+
+
 class SchemaNotReadyError(RegistryError):
     """The database schema is missing or older than this version of registry; run migrations."""
 

@@ -71,7 +71,7 @@ class DecisionQueue:
     async def ack(self, lease: Lease, delivery: DecisionDelivery) -> bool | None:
         """Mark ``delivery`` acknowledged under ``lease``'s owner epoch; ``False`` if it was
         not awaiting an ack, ``None`` (nothing written) if the run's epoch moved on."""
-        async with self._lane.autocommit() as connection:
+        async with self._lane.autocommit(write=True) as connection:
             return await repository.ack_decision(
                 connection, delivery.run_id, delivery.delivery_id, epoch=lease.epoch
             )

@@ -164,5 +164,5 @@ class RegistryInspector:
         if not isinstance(older_than, timedelta) or older_than < timedelta(0):
             raise InvalidInputError("older_than", "must be a non-negative timedelta")
         self._check_open()
-        async with self._lane.autocommit() as connection:
+        async with self._lane.autocommit(write=True) as connection:
             return await repository.prune_streams(connection, older_than)

@@ -10,13 +10,16 @@ connection from the lane and runs the repository's statements; the parts it buil
 
 from __future__ import annotations
 
+import logging
 import socket
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TypeVar
 
 from registry import repository
 from registry.database import asyncpg_dsn, constraint_name
 from registry.errors import (
+    OutcomeUnknownError,
     RunAlreadyExistsError,
 )
 from registry.handle import RunHandle, RunParts
@@ -36,6 +39,9 @@ from registry.schema import check_revision
 from registry.settings import RegistrySettings
 from registry.streams import StreamSubscription
 from registry.tables import ONE_ACTIVE_RUN_PER_THREAD, RUN_ID_TAKEN
+
+logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # how often register retries after losing a race on the one-active-run index
 _REGISTER_ATTEMPTS = 5
@@ -148,13 +154,18 @@ class RunRegistry(RegistryInspector):
 
         A run already active on the thread is superseded in the same transaction: it becomes
         ``superseded``, its cancellation token trips wherever it lives, and its decisions not
-        yet acknowledged are dropped with the reason. Raises :class:`RunAlreadyExistsError` if
-        ``run_id`` was ever registered before.
+        yet acknowledged are dropped with the reason.
+
+        Idempotent for its own retry: registering again the same ids from the same
+        ``worker_id`` while the run is active returns its handle (so a register whose reply
+        was lost is retried here, once, and converges). Raises :class:`RunAlreadyExistsError`
+        if ``run_id`` was registered before otherwise.
         """
         check_id("run_id", run_id)
         check_id("agent_id", agent_id)
         check_id("thread_id", thread_id)
         key = await self._key()
+        reply_lost = False
         for attempt in range(1, _REGISTER_ATTEMPTS + 1):
             try:
                 async with self._lane.transaction() as connection:
@@ -167,13 +178,28 @@ class RunRegistry(RegistryInspector):
                         lease=self._parts.leases.lease,
                         key=key,
                     )
+            except OutcomeUnknownError:
+                if reply_lost:
+                    raise
+                reply_lost = True  # once more: a register that committed unseen is found below
+                continue
             except Exception as exc:
                 name = constraint_name(exc)
                 if name == RUN_ID_TAKEN:
-                    raise RunAlreadyExistsError(run_id) from exc
-                if name != ONE_ACTIVE_RUN_PER_THREAD or attempt == _REGISTER_ATTEMPTS:
+                    existing = await self._retry_once(
+                        lambda connection: repository.active_run_by_id(connection, run_id)
+                    )
+                    if existing is None or (
+                        existing.thread_id,
+                        existing.agent_id,
+                        existing.owner_id,
+                    ) != (thread_id, agent_id, self.worker_id):
+                        raise RunAlreadyExistsError(run_id) from exc
+                    record = existing
+                elif name != ONE_ACTIVE_RUN_PER_THREAD or attempt == _REGISTER_ATTEMPTS:
                     raise
-                continue
+                else:
+                    continue
             self._parts.leases.hold(record)
             self._parts.leases.start()
             return self._handle(record)
@@ -244,10 +270,14 @@ class RunRegistry(RegistryInspector):
         check_id("thread_id", thread_id)
         batch, results = self._check_decisions(decisions)
         key = await self._key()
-        async with self._lane.autocommit() as connection:
-            result = await repository.forward_by_thread(
-                connection, agent_id, thread_id, batch, results, key
-            )
+
+        async def forward() -> repository.ForwardResult | None:
+            async with self._lane.autocommit(write=True) as connection:
+                return await repository.forward_by_thread(
+                    connection, agent_id, thread_id, batch, results, key
+                )
+
+        result = await _converging(forward)
         return None if result is None else ForwardedDecision(result.thread_id, result.run_id)
 
     async def forward_decisions_by_run_id(
@@ -262,17 +292,27 @@ class RunRegistry(RegistryInspector):
         check_id("run_id", run_id)
         batch, results = self._check_decisions(decisions)
         key = await self._key()
-        async with self._lane.autocommit() as connection:
-            result = await repository.forward_by_run_id(connection, run_id, batch, results, key)
+
+        async def forward() -> repository.ForwardResult | None:
+            async with self._lane.autocommit(write=True) as connection:
+                return await repository.forward_by_run_id(connection, run_id, batch, results, key)
+
+        result = await _converging(forward)
         return None if result is None else ForwardedDecision(result.thread_id, result.run_id)
 
     def _check_decisions(self, decisions: object) -> tuple[list[ToolCallDecision], list[str]]:
         self._check_open()
-        return check_decision_batch(
+        batch, results = check_decision_batch(
             decisions,
             limit=self.settings.max_decisions_per_forward,
             max_result_bytes=self.settings.max_result_bytes,
         )
+        # an id per decision that has none, made once per call: a retry of this very call
+        # (after a lost reply) stores nothing twice
+        return [
+            d if d.decision_id else d.model_copy(update={"decision_id": f"registry-{uuid.uuid4()}"})
+            for d in batch
+        ], results
 
     async def cancel_active_run_by_id(self, run_id: str) -> bool:
         """Request cancellation of the active run ``run_id``; ``False`` if it is not active.
@@ -282,8 +322,12 @@ class RunRegistry(RegistryInspector):
         """
         check_id("run_id", run_id)
         key = await self._key()
-        async with self._lane.autocommit() as connection:
-            return await repository.request_cancel_by_id(connection, run_id, key) is not None
+
+        async def cancel() -> str | None:
+            async with self._lane.autocommit(write=True) as connection:
+                return await repository.request_cancel_by_id(connection, run_id, key)
+
+        return await _converging(cancel) is not None
 
     async def cancel_active_run_by_thread(
         self, thread_id: str, *, agent_id: str | None = None
@@ -297,8 +341,14 @@ class RunRegistry(RegistryInspector):
         if agent_id is not None:
             check_id("agent_id", agent_id)
         key = await self._key()
-        async with self._lane.autocommit() as connection:
-            return await repository.request_cancel_by_thread(connection, thread_id, agent_id, key)
+
+        async def cancel() -> str | None:
+            async with self._lane.autocommit(write=True) as connection:
+                return await repository.request_cancel_by_thread(
+                    connection, thread_id, agent_id, key
+                )
+
+        return await _converging(cancel)
 
     # --- ownership and recovery --------------------------------------------------------------
 
@@ -314,11 +364,14 @@ class RunRegistry(RegistryInspector):
         """
         self._check_open()
         leases = self._parts.leases
-        async with self._lane.autocommit() as connection:
-            records = await repository.resume_owned(
-                connection, self.worker_id, leases.lease, leases.held()
-            )
-        return self._take(records)
+
+        async def resume() -> list[RunRecord]:
+            async with self._lane.autocommit(write=True) as connection:
+                return await repository.resume_owned(
+                    connection, self.worker_id, leases.lease, leases.held()
+                )
+
+        return self._take(await _converging(resume))
 
     async def adopt_orphaned_runs(self, limit: int = 100) -> list[RunHandle]:
         """Claim up to ``limit`` active runs whose owner's lease expired; return their handles.
@@ -331,7 +384,7 @@ class RunRegistry(RegistryInspector):
         check_count("limit", limit, minimum=1)
         self._check_open()
         lease = self._parts.leases.lease
-        async with self._lane.autocommit() as connection:
+        async with self._lane.autocommit(write=True) as connection:
             records = await repository.adopt_orphans(
                 connection, self.worker_id, lease, limit, list(self._parts.leases.held())
             )
@@ -359,8 +412,12 @@ class RunRegistry(RegistryInspector):
         """Open the run's output stream; ``False`` when the run is not active. Idempotent."""
         check_id("run_id", run_id)
         self._check_open()
-        async with self._lane.autocommit() as connection:
-            return await repository.bind_stream(connection, run_id)
+
+        async def bind() -> bool:
+            async with self._lane.autocommit(write=True) as connection:
+                return await repository.bind_stream(connection, run_id)
+
+        return await _converging(bind)
 
     async def subscribe_thread_run_stream(
         self, run_id: str, after_seq: int | None = None
@@ -389,3 +446,16 @@ class RunRegistry(RegistryInspector):
             after_seq=start,
             buffer_limit=self.settings.subscriber_buffer,
         )
+
+
+async def _converging(call: Callable[[], Awaitable[_T]]) -> _T:
+    """Run a write whose retry converges (idempotent), once more if its connection broke
+    before the reply; not after a missed deadline (a silent server would make the caller
+    wait a second deadline)."""
+    try:
+        return await call()
+    except OutcomeUnknownError as exc:
+        if isinstance(exc.__cause__, TimeoutError):
+            raise
+        logger.info("retrying a write whose outcome is unknown (%s)", exc)
+        return await call()

@@ -939,6 +939,8 @@ async def list_runs(
 
 _RUN_DETAILS = """
     SELECT run_id, thread_id, agent_id, status, owner_id, lease_expires_at,
+           -- by the database's clock: never compare a stored time with a local one
+           coalesce(lease_expires_at > now(), false) AS lease_held, owner_epoch,
            cancel_requested_at, superseded_by, end_reason, created_at, updated_at, ended_at,
            stream_seq,
            (SELECT count(*) FROM stream_chunks WHERE stream_chunks.run_id = runs.run_id)
@@ -948,7 +950,8 @@ _RUN_DETAILS = """
 
 
 async def run_details(connection: DriverConnection, run_id: str) -> dict[str, Any] | None:
-    """Every column of the run's row plus ``stored_chunks``, or ``None`` if there is no such run.
+    """Every column of the run's row plus ``stored_chunks`` and ``lease_held`` (whether the
+    lease runs past the database's ``now()``), or ``None`` if there is no such run.
 
     ``stream_seq`` is the newest chunk's seq (``None``: no stream, or pruned).
     """
@@ -1064,10 +1067,20 @@ async def drop_database(connection: DriverConnection, name: str) -> None:
     await connection.execute(f"DROP DATABASE IF EXISTS {_database_identifier(name)} WITH (FORCE)")
 
 
+#: the columns of ``runs`` the registry updates (all but the ids and ``created_at``)
+_RUN_UPDATES = (
+    "status, owner_id, lease_expires_at, owner_epoch, cancel_requested_at, superseded_by, "
+    "end_reason, updated_at, ended_at, stream_seq"
+)
+#: the columns of ``decisions`` the registry updates: its delivery, never what was received
+_DECISION_UPDATES = "status, attempts, drop_reason, delivered_at, acked_at, dropped_at"
+
+
 def application_grants(role: str, database: str) -> list[str]:
     """The statements that give ``role`` what the registry needs at run time, and no DDL.
 
-    Reads and writes on the three tables, deletes on ``stream_chunks`` (pruning), read access
+    Reads and inserts on the three tables, updates of the columns the registry changes (never
+    a decision's received content), deletes on ``stream_chunks`` (pruning), read access
     to ``alembic_version`` (the schema check) and to ``notification_secrets`` (the key that
     signs notifications). Migrations run as a different, owning role.
     """
@@ -1075,7 +1088,10 @@ def application_grants(role: str, database: str) -> list[str]:
     return [
         f"GRANT CONNECT ON DATABASE {quoted_database} TO {quoted_role}",
         f"GRANT USAGE ON SCHEMA public TO {quoted_role}",
-        f"GRANT SELECT, INSERT, UPDATE ON runs, decisions, stream_chunks TO {quoted_role}",
+        f"GRANT SELECT, INSERT ON runs, decisions, stream_chunks TO {quoted_role}",
+        # only the columns the registry changes: the audit trail cannot be rewritten
+        f"GRANT UPDATE ({_RUN_UPDATES}) ON runs TO {quoted_role}",
+        f"GRANT UPDATE ({_DECISION_UPDATES}) ON decisions TO {quoted_role}",
         f"GRANT DELETE ON stream_chunks TO {quoted_role}",
         f"GRANT SELECT ON alembic_version TO {quoted_role}",
         f"GRANT SELECT ON notification_secrets TO {quoted_role}",

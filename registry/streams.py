@@ -93,7 +93,7 @@ class ChunkPublisher:
         inline = None
         if notify and len(chunks) == 1 and len(chunks[0]) <= self._inline_limit:
             inline = key.seal(run_id, chunks[0])
-        async with self._lane.autocommit() as connection:
+        async with self._lane.autocommit(write=True) as connection:
             last_seq = await repository.append_chunks(
                 connection, run_id, chunks, notify=notify, inline=inline, key=key, epoch=epoch
             )

@@ -43,6 +43,9 @@ class TcpProxy:
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._writers: set[asyncio.StreamWriter] = set()
+        # per relayed connection: set to cut it at the server's next reply (or next COMMIT)
+        self._doomed: set[asyncio.Event] = set()
+        self._at_commit = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._pumps: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -80,6 +83,22 @@ class TcpProxy:
     def thaw(self) -> None:
         """Relay again, starting with whatever was held while frozen."""
         self._flowing.set()
+
+    def lose_next_replies(self) -> None:
+        """Cut every current connection (TCP reset, both sides) when the server next answers
+        on it, dropping that answer: the server did the work, the client never hears of it.
+        Connections accepted afterwards are relayed as usual."""
+        self._at_commit = False
+        for doomed in self._doomed:
+            doomed.set()
+
+    def lose_next_commit_replies(self) -> None:
+        """Like :meth:`lose_next_replies`, but at the server's next ``COMMIT`` completion on
+        each current connection: the statements of a transaction pass, its commit happens, and
+        the reply to it is lost with the connection."""
+        self._at_commit = True
+        for doomed in self._doomed:
+            doomed.set()
 
     def reset(self) -> None:
         """Cut every current connection on both sides with a TCP reset (RST, not FIN)."""
@@ -128,9 +147,11 @@ class TcpProxy:
             self._writers.add(server_w)
             if self._closing:
                 return
+            doomed = asyncio.Event()
+            self._doomed.add(doomed)
             pumps = [
                 asyncio.create_task(self._pump(client_r, server_w)),
-                asyncio.create_task(self._pump(server_r, client_w)),
+                asyncio.create_task(self._pump(server_r, client_w, doomed, server_w)),
             ]
             self._pumps.update(pumps)
             # the first direction to end (EOF, error, reset) ends the other
@@ -138,6 +159,7 @@ class TcpProxy:
         except OSError:
             pass
         finally:
+            self._doomed = {event for event in self._doomed if not event.is_set()}
             for pump in pumps:
                 pump.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
@@ -148,9 +170,22 @@ class TcpProxy:
                     _abort(writer)
             self._tasks.discard(task)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        doomed: asyncio.Event | None = None,
+        source: asyncio.StreamWriter | None = None,
+    ) -> None:
         with contextlib.suppress(OSError):
             while data := await reader.read(_CHUNK):
+                cut = doomed is not None and doomed.is_set()
+                if cut and (not self._at_commit or _completes_commit(data)):
+                    # the reply is lost with the connection, both sides reset
+                    _abort(writer)
+                    if source is not None:
+                        _abort(source)
+                    return
                 await self._flowing.wait()  # frozen: hold the bytes, keep the socket
                 writer.write(data)
                 await writer.drain()
@@ -165,3 +200,17 @@ def _abort(writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
+
+
+def _completes_commit(data: bytes) -> bool:
+    """Whether server bytes that start at a message boundary hold a CommandComplete of
+    ``COMMIT`` (message type ``C``, a 4-byte length, then the tag). An idle connection's next
+    answer starts at a boundary; a message cut across reads is not looked for."""
+    offset = 0
+    while offset + 5 <= len(data):
+        kind = data[offset : offset + 1]
+        length = int.from_bytes(data[offset + 1 : offset + 5], "big")
+        if kind == b"C" and data[offset + 5 : offset + 12] == b"COMMIT\0":
+            return True
+        offset += 1 + length
+    return False

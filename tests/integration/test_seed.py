@@ -65,4 +65,7 @@ async def test_decisions_queued_before_the_inbox_opens_come_first(
         await run_registry.forward_decisions_by_thread("agent-a", "thread-1", [late])
         got.append(await asyncio.wait_for(anext(inbox), 5))
 
-    assert [delivery.decision for delivery in got] == [*early, late]
+    # in forward order; a decision forwarded without an id is given one by the forward
+    delivered = [delivery.decision for delivery in got]
+    assert all(d.decision_id.startswith("registry-") for d in delivered)
+    assert [d.model_copy(update={"decision_id": ""}) for d in delivered] == [*early, late]

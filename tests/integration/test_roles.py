@@ -1,0 +1,129 @@
+"""The roles the README documents do what it says they can, and fail at what it says they
+cannot: the application role cannot rewrite the audit trail, nobody can change what a
+decision received or reopen a final one, and the auditor reads the audit view only."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from sqlalchemy.engine import make_url
+
+from registry import RegistrySettings, RunRegistry, ToolCallDecision
+from registry.database import asyncpg_dsn
+from registry.repository import application_grants
+
+
+async def _role_url(admin: asyncpg.Connection, url: str, role: str) -> str:
+    await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'secret'")
+    return make_url(url).set(username=role, password="secret").render_as_string(hide_password=False)
+
+
+@pytest.fixture
+async def roles(registry_database_url: str) -> AsyncIterator[dict[str, str]]:
+    """URLs of an application role (the documented grants) and an auditor role (CONNECT,
+    USAGE, SELECT on decision_audit), on a database with one acked and one delivered decision."""
+    database = make_url(registry_database_url).database
+    assert database is not None
+    suffix = uuid.uuid4().hex[:10]
+    app, auditor = f"app_{suffix}", f"auditor_{suffix}"
+    admin = await asyncpg.connect(asyncpg_dsn(registry_database_url))
+    try:
+        urls = {
+            "owner": registry_database_url,
+            "app": await _role_url(admin, registry_database_url, app),
+            "auditor": await _role_url(admin, registry_database_url, auditor),
+        }
+        for statement in application_grants(app, database):
+            await admin.execute(statement)
+        await admin.execute(f'GRANT CONNECT ON DATABASE "{database}" TO {auditor}')
+        await admin.execute(f"GRANT USAGE ON SCHEMA public TO {auditor}")
+        await admin.execute(f"GRANT SELECT ON decision_audit TO {auditor}")
+        settings = RegistrySettings(safety_interval=60)
+        async with await RunRegistry.connect(urls["app"], settings=settings) as runs:
+            handle = await runs.register("run-1", "agent", "thread-1")
+            decisions = [
+                ToolCallDecision.resume(f"call-{i}", {"ok": True}, i, decision_id=f"d{i}")
+                for i in (1, 2)
+            ]
+            assert await runs.forward_decisions_by_run_id("run-1", decisions) is not None
+            async with handle.decisions() as inbox:
+                delivery = await anext(inbox)
+                assert await inbox.ack(delivery)
+        yield urls
+    finally:
+        for role in (app, auditor):
+            await admin.execute(f"DROP OWNED BY {role}")
+            await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
+
+
+async def _execute(url: str, statement: str) -> None:
+    connection = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE decisions SET result = '{\"approved\": false}' WHERE decision_id = 'd1'",
+        "UPDATE decisions SET reason = 'rewritten' WHERE decision_id = 'd1'",
+        "UPDATE decisions SET received_at = now() - interval '1 day' WHERE decision_id = 'd1'",
+        "UPDATE decisions SET target_id = 'other' WHERE decision_id = 'd1'",
+        "UPDATE runs SET agent_id = 'intruder' WHERE run_id = 'run-1'",
+        "DELETE FROM decisions",
+        "DELETE FROM runs",
+    ],
+)
+async def test_the_application_role_cannot_rewrite_what_was_received(
+    roles: dict[str, str], statement: str
+) -> None:
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await _execute(roles["app"], statement)
+
+
+@pytest.mark.parametrize("role", ["app", "owner"])
+@pytest.mark.parametrize(
+    ("statement", "message"),
+    [
+        ("UPDATE decisions SET status = 'pending' WHERE decision_id = 'd1'", "final"),
+        ("UPDATE decisions SET status = 'dropped' WHERE decision_id = 'd1'", "final"),
+        ("UPDATE decisions SET acked_at = now() WHERE decision_id = 'd1'", "final"),
+        ("UPDATE decisions SET status = 'pending' WHERE decision_id = 'd2'", "pending"),
+    ],
+)
+async def test_no_role_reopens_or_alters_a_decision_once_decided(
+    roles: dict[str, str], role: str, statement: str, message: str
+) -> None:
+    with pytest.raises(asyncpg.IntegrityConstraintViolationError, match=message):
+        await _execute(roles[role], statement)
+
+
+async def test_even_the_owner_cannot_change_what_a_decision_received(
+    roles: dict[str, str],
+) -> None:
+    with pytest.raises(asyncpg.IntegrityConstraintViolationError, match="immutable"):
+        await _execute(roles["owner"], "UPDATE decisions SET result = 'null' WHERE true")
+
+
+async def test_the_auditor_reads_the_audit_view_and_nothing_else(roles: dict[str, str]) -> None:
+    connection = await asyncpg.connect(asyncpg_dsn(roles["auditor"]))
+    try:
+        rows = await connection.fetch("SELECT decision_id, status FROM decision_audit ORDER BY id")
+        # the inbox claimed both and acknowledged one
+        assert [(row["decision_id"], row["status"]) for row in rows] == [
+            ("d1", "acked"),
+            ("d2", "delivered"),
+        ]
+        for table in ("runs", "decisions", "stream_chunks", "notification_secrets"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await connection.fetch(f"SELECT 1 FROM {table} LIMIT 1")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await connection.execute("UPDATE decisions SET status = 'acked'")
+    finally:
+        await connection.close()
