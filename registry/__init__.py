@@ -15,6 +15,7 @@ from registry.errors import (
     RunAlreadyExistsError,
     SchemaNotReadyError,
     StreamClosedError,
+    StreamConflictError,
     TooManyDecisionsError,
 )
 from registry.handle import RunCancellationToken, RunHandle
@@ -58,6 +59,7 @@ __all__ = [
     "SchemaNotReadyError",
     "StreamChunk",
     "StreamClosedError",
+    "StreamConflictError",
     "StreamSubscription",
     "TooManyDecisionsError",
     "ToolCallDecision",

@@ -48,6 +48,21 @@ class RunAlreadyExistsError(RegistryError, ValueError):
         super().__init__(f"run_id: a run with id {run_id!r} already exists")
 
 
+class StreamConflictError(RegistryError):
+    """A publish with ``after_seq`` found the stream elsewhere: its last seq is not
+    ``after_seq``, and the chunks after ``after_seq`` are not the ones given (another
+    publisher got there first). Nothing was written."""
+
+    def __init__(self, run_id: str, after_seq: int, last_seq: int | None) -> None:
+        self.run_id = run_id
+        self.after_seq = after_seq
+        self.last_seq = last_seq
+        super().__init__(
+            f"the stream of run {run_id!r} is at seq {last_seq}, not {after_seq}: "
+            "another publisher appended first"
+        )
+
+
 class RegistryClosedError(RegistryError):
     """The registry was closed; open a new one with ``RunRegistry.connect``."""
 

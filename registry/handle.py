@@ -13,11 +13,11 @@ from typing import Protocol
 
 from registry import repository
 from registry.connections import ConnectionLane
-from registry.database import translate_errors
+from registry.database import connect, translate_errors
 from registry.errors import LeaseLostError
 from registry.inbox import DecisionInbox, DecisionQueue
-from registry.listener import Listener
-from registry.models import RunRecord, check_chunks
+from registry.listener import LISTENER_APPLICATION_NAME, Listener
+from registry.models import RunRecord, check_chunks, check_count
 from registry.notifications import Keyring
 from registry.settings import RegistrySettings
 from registry.streams import ChunkPublisher, SharedChunkReader
@@ -102,13 +102,18 @@ class RunParts:
         """
         if listen and self.listener is None:
             key = await self.keyring.get()
+            dsn = self._dsn
             self.listener = Listener(
-                self._dsn,
+                dsn,
                 self.dispatcher.apply,
                 self._on_reconnect,
                 key=key,
                 probe=repository.health_probe,
                 health_interval=self._health_interval,
+                # the URL's parameters (TLS, options, ...) apply as on the query connections
+                connect=lambda timeout: connect(
+                    dsn, application_name=LISTENER_APPLICATION_NAME, connect_timeout=timeout
+                ),
             )
             with translate_errors():
                 await self.listener.start()
@@ -318,23 +323,38 @@ class RunHandle:
         """Open this run's stream; see :meth:`RunRegistry.bind_thread_run_stream_fanout`."""
         return await self._parts.calls.bind_thread_run_stream_fanout(self.run_id)
 
-    async def publish(self, chunk: bytes) -> int:
+    async def publish(self, chunk: bytes, *, after_seq: int | None = None) -> int:
         """Append ``chunk`` to the run's stream and return its sequence number.
 
-        Raises :class:`StreamClosedError` if the stream is not bound or the run has ended,
-        :class:`InvalidInputError` for a chunk that is not bytes or is over ``max_chunk_bytes``,
-        :class:`LeaseLostError` (nothing written) if another registry took the run over.
+        With ``after_seq`` (the last seq this publisher knows), the chunk is stored only as
+        ``after_seq + 1``: a retry after :class:`OutcomeUnknownError` converges (the seq is
+        returned when the first attempt was stored), and the registry retries a lost reply
+        by itself. Raises :class:`StreamClosedError` if the stream is not bound or the run has
+        ended, :class:`InvalidInputError` for a chunk that is not bytes or is over
+        ``max_chunk_bytes``, :class:`LeaseLostError` if another registry took the run over,
+        :class:`StreamConflictError` if the stream is past ``after_seq`` with other chunks
+        (nothing written in each case), and :class:`OutcomeUnknownError` without
+        ``after_seq`` when the reply was lost (the chunk may be stored).
         """
-        [seq] = await self.publish_many([chunk])
+        [seq] = await self.publish_many([chunk], after_seq=after_seq)
         return seq
 
-    async def publish_many(self, chunks: Sequence[bytes]) -> list[int]:
-        """Append ``chunks`` in order, in one transaction; return their sequence numbers."""
+    async def publish_many(
+        self, chunks: Sequence[bytes], *, after_seq: int | None = None
+    ) -> list[int]:
+        """Append ``chunks`` in order, in one transaction; return their sequence numbers.
+
+        ``after_seq`` and the errors are as for :meth:`publish`.
+        """
         batch = check_chunks(chunks, max_chunk_bytes=self._parts.max_chunk_bytes)
+        if after_seq is not None:
+            check_count("after_seq", after_seq, minimum=0)
         if self._lease.lost.is_set():
             raise LeaseLostError(self.run_id)
         try:
-            return await self._parts.publisher.publish(self.run_id, batch, epoch=self._lease.epoch)
+            return await self._parts.publisher.publish(
+                self.run_id, batch, epoch=self._lease.epoch, after_seq=after_seq
+            )
         except LeaseLostError:
             self._parts.leases.lose(self._lease)
             raise

@@ -782,6 +782,7 @@ _APPEND_CHUNKS = f"""
         UPDATE runs SET stream_seq = stream_seq + $2::bigint
          WHERE run_id = $1 AND status = 'active' AND stream_seq IS NOT NULL
            AND ($8::bigint IS NULL OR owner_epoch = $8)
+           AND ($11::bigint IS NULL OR stream_seq = $11)
         RETURNING run_id, stream_seq AS last_seq
     ), inserted AS (
         INSERT INTO stream_chunks (run_id, seq, data)
@@ -812,10 +813,11 @@ async def append_chunks(
     inline: str | None,
     key: NotificationKey,
     epoch: int | None = None,
+    after_seq: int | None = None,
 ) -> int | None:
     """Append ``chunks`` to the run's open stream; return the last seq, ``None`` if closed
-    (or, with ``epoch``, if the run is held under another owner epoch: tell the two apart with
-    :func:`owner_epoch_of`).
+    (or, with ``epoch``, if the run is held under another owner epoch; with ``after_seq``, if
+    the stream's last seq is another: tell these apart with :func:`stream_state`).
 
     With ``notify``, a wake-up signed with ``key`` goes out at commit, carrying ``inline``
     (:meth:`~registry.notifications.NotificationKey.seal` of a single small chunk) when given.
@@ -832,6 +834,7 @@ async def append_chunks(
         epoch,
         key.inner_pad,
         key.outer_pad,
+        after_seq,
     )
     return None if last_seq is None else int(last_seq)
 

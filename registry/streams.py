@@ -25,8 +25,15 @@ from typing import Self
 
 from registry import repository
 from registry.connections import ConnectionLane
-from registry.errors import LeaseLostError, RegistryClosedError, StreamClosedError
-from registry.models import StreamChunk
+from registry.database import DriverConnection
+from registry.errors import (
+    LeaseLostError,
+    OutcomeUnknownError,
+    RegistryClosedError,
+    StreamClosedError,
+    StreamConflictError,
+)
+from registry.models import RunStatus, StreamChunk
 from registry.notifications import ChunkPublished, Keyring, encode
 from registry.watch import Dispatcher, RunWatch
 
@@ -73,19 +80,40 @@ class ChunkPublisher:
         self._closed = False
 
     async def publish(
-        self, run_id: str, chunks: Sequence[bytes], *, epoch: int | None = None
+        self,
+        run_id: str,
+        chunks: Sequence[bytes],
+        *,
+        epoch: int | None = None,
+        after_seq: int | None = None,
     ) -> list[int]:
         """Append ``chunks`` (validated) in one transaction and return their sequence numbers.
 
-        With ``epoch``, only while the run is held under that owner epoch. Raises
-        :class:`StreamClosedError` if the stream is not bound or the run has ended,
-        :class:`LeaseLostError` if the run's owner epoch moved on (nothing written), and
-        :class:`RegistryClosedError` once the registry is closing.
+        With ``epoch``, only while the run is held under that owner epoch. With ``after_seq``,
+        only right after that seq: when the chunks after it already are these (a retry whose
+        first attempt was stored), their seqs are returned and nothing is written, and a lost
+        reply is retried here once. Raises :class:`StreamClosedError` if the stream is not
+        bound or the run has ended, :class:`LeaseLostError` if the run's owner epoch moved on,
+        :class:`StreamConflictError` if the stream is past ``after_seq`` with other chunks
+        (nothing written in each case), :class:`OutcomeUnknownError` without ``after_seq``
+        when the reply was lost, and :class:`RegistryClosedError` once the registry is closing.
         """
         if self._closed:
             raise RegistryClosedError()
         if not chunks:
             return []
+        if after_seq is None:
+            return await self._append(run_id, chunks, epoch, None)
+        try:
+            return await self._append(run_id, chunks, epoch, after_seq)
+        except OutcomeUnknownError as exc:
+            if isinstance(exc.__cause__, TimeoutError):
+                raise  # a silent server: no second wait
+            return await self._append(run_id, chunks, epoch, after_seq)
+
+    async def _append(
+        self, run_id: str, chunks: Sequence[bytes], epoch: int | None, after_seq: int | None
+    ) -> list[int]:
         key = await self._keyring.get()
         now = asyncio.get_running_loop().time()
         last = self._notified_at.get(run_id)
@@ -95,14 +123,17 @@ class ChunkPublisher:
             inline = key.seal(run_id, chunks[0])
         async with self._lane.autocommit(write=True) as connection:
             last_seq = await repository.append_chunks(
-                connection, run_id, chunks, notify=notify, inline=inline, key=key, epoch=epoch
+                connection,
+                run_id,
+                chunks,
+                notify=notify,
+                inline=inline,
+                key=key,
+                epoch=epoch,
+                after_seq=after_seq,
             )
-            if last_seq is None and epoch is not None:
-                current = await repository.owner_epoch_of(connection, run_id)
-                if current is not None and current != epoch:
-                    raise LeaseLostError(run_id)
-        if last_seq is None:
-            raise StreamClosedError(run_id)
+            if last_seq is None:
+                return await _refused(connection, run_id, chunks, epoch, after_seq)
         if notify:
             if len(self._notified_at) >= self._forget_at:
                 self._forget_quiet_runs(now)
@@ -186,6 +217,27 @@ class _SharedRead:
     after: int
     generation: int
     result: asyncio.Future[list[StreamChunk]]
+
+
+async def _refused(
+    connection: DriverConnection,
+    run_id: str,
+    chunks: Sequence[bytes],
+    epoch: int | None,
+    after_seq: int | None,
+) -> list[int]:
+    """Why an append wrote nothing, raised; or the seqs of ``chunks`` when they already follow
+    ``after_seq`` (a retry of a publish that was stored)."""
+    state = await repository.stream_state(connection, run_id)
+    if state is None or state.status is not RunStatus.ACTIVE or state.stream_seq is None:
+        raise StreamClosedError(run_id)
+    if epoch is not None and state.owner_epoch != epoch:
+        raise LeaseLostError(run_id)
+    assert after_seq is not None  # an open stream of the run we hold refuses only then
+    stored = await repository.read_chunks(connection, run_id, after=after_seq, limit=len(chunks))
+    if [chunk.data for chunk in stored] == list(chunks):
+        return [chunk.seq for chunk in stored]
+    raise StreamConflictError(run_id, after_seq, state.stream_seq)
 
 
 class SharedChunkReader:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from registry import RegistrySettings, RunRegistry, ToolCallDecision
-from registry.errors import OutcomeUnknownError
+from registry.errors import OutcomeUnknownError, StreamConflictError
 from tests.helpers.database import decisions_of_run, fetch
 from tests.helpers.proxy import TcpProxy
 
@@ -125,3 +125,25 @@ async def test_a_read_whose_reply_is_lost_is_retried_not_reported_as_unknown(
     proxy.lose_next_replies()
     record = await registry.run("run-1")
     assert record is not None
+
+
+async def test_a_publish_after_a_known_seq_whose_reply_is_lost_is_stored_once(
+    proxied: tuple[RunRegistry, TcpProxy],
+) -> None:
+    registry, proxy = proxied
+    handle = await registry.register("run-1", "agent", "thread-1")
+    assert await handle.bind_stream_fanout()
+    await warm(registry)
+    assert await handle.publish(b"warm", after_seq=0) == 1
+    accepted = proxy.accepted
+    proxy.lose_next_replies()
+    assert await handle.publish(b"hello", after_seq=1) == 2  # retried here, converged
+    assert proxy.accepted > accepted
+    stored = await registry.read_chunks("run-1")
+    assert [(chunk.seq, chunk.data) for chunk in stored] == [(1, b"warm"), (2, b"hello")]
+    # the caller's own retry converges too, and another chunk at that place is a conflict
+    assert await handle.publish(b"hello", after_seq=1) == 2
+    with pytest.raises(StreamConflictError) as caught:
+        await handle.publish(b"other", after_seq=1)
+    assert (caught.value.after_seq, caught.value.last_seq) == (1, 2)
+    assert len(await registry.read_chunks("run-1")) == 2
