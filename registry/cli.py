@@ -3,14 +3,19 @@
 Every command that needs a database takes ``--database-url`` (or ``REGISTRY_DATABASE_URL``);
 without either it uses the embedded PostgreSQL (see :mod:`registry.locate`). Exit codes: 0
 done, 1 not found, refused or failed, 2 usage (bad options or bad input, such as a malformed
-decision or URL). Errors are one line on stderr. This module holds the group, the entry point
-and the commands only: what they share (options, messages, logging, connecting) is in
-:mod:`registry.cli_base`, what they print is built in :mod:`registry.console`, and they reach
-the database only through :class:`RunRegistry` and :mod:`registry.schema`.
+decision or URL, a number out of range, an argument that is not UTF-8). Errors are one line on
+stderr, never a traceback, whatever the input or the stored text; what tables print from the
+database is shown literally (see :func:`registry.console.literal`). This module holds the
+group, the entry point and the commands only: what they share (options, messages, logging,
+connecting) is in :mod:`registry.cli_base`, what they print is built in
+:mod:`registry.console`, and they reach the database only through :class:`RunRegistry` and
+:mod:`registry.schema`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -27,12 +32,15 @@ from registry.cli_base import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
+    MAX_CONNECT_TIMEOUT,
     CommandError,
+    FiniteFloatRange,
     Options,
     async_command,
     cause,
     configure_logging,
     connected_registry,
+    count_range,
     database_option,
     fail,
     json_option,
@@ -51,12 +59,14 @@ from registry.console import (
     embedded_json,
     embedded_overview,
     format_duration,
+    literal,
     output_console,
     overview_grid,
     parse_decisions,
     parse_duration,
     parse_since,
     print_json,
+    printable,
     run_json,
     run_overview,
     runs_table,
@@ -79,13 +89,25 @@ from registry.schema import alembic_config, migrate
 #: chunks read per query when printing a stored stream
 _READ_BATCH = 1000
 
+_log = logging.getLogger(__name__)
+
 
 # --- entry point ----------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line and return its exit status (also the console script)."""
+    """Run the command line and return its exit status (also the console script).
+
+    Never a traceback: an error the commands expect is one line on stderr and exit 1 or 2; any
+    other exception is one line too (``internal error: ...``, exit 1), its traceback logged
+    at debug level (``-vv``).
+    """
     args = list(sys.argv[1:] if argv is None else argv)
+    for index, arg in enumerate(args, start=1):
+        problem = unusable_argument(arg)
+        if problem is not None:
+            fail(f"argument {index} ({arg!r}) {problem}")
+            return EXIT_USAGE
     try:
         result = cli.main(args=args, prog_name="registry", standalone_mode=False)
     except click.UsageError as exc:
@@ -106,13 +128,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RegistryError as exc:
         fail(str(exc))
         return EXIT_FAILED
+    except BrokenPipeError:
+        # the reader went away (``registry audit --format csv | head``): nobody to tell
+        silence_stdout()
+        return EXIT_FAILED
     except Exception as exc:
-        # the last line of defence: a driver error the library let through is still one line
-        if driver_error(exc) is None and not isinstance(exc, UNREACHABLE):
-            raise
-        fail(f"database error: {cause(exc)}")
+        # the last line of defence: a driver error the library let through is still one line,
+        # and so is anything else, a bug included
+        if driver_error(exc) is not None or isinstance(exc, UNREACHABLE):
+            fail(f"database error: {cause(exc)}")
+            return EXIT_FAILED
+        _log.debug("internal error", exc_info=True)
+        message = one_line(str(exc))
+        fail(f"internal error: {type(exc).__name__}" + (f": {message}" if message else ""))
         return EXIT_FAILED
     return result if isinstance(result, int) else EXIT_OK
+
+
+def unusable_argument(arg: str) -> str | None:
+    """Why ``arg`` cannot be used, or ``None``: text that is not UTF-8 (which Python hands
+    over with lone surrogates), or a NUL (which no command line can carry)."""
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    if "\x00" in arg:
+        return "contains a NUL character"
+    return None
+
+
+def silence_stdout() -> None:
+    """Point standard output at the null device, so that exiting does not flush into a closed
+    pipe (and print an error about it)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 # --- the group and shared options -----------------------------------------------------------------
@@ -126,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 @database_option
 @click.option(
     "--connect-timeout",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloatRange(min=0.1, max=MAX_CONNECT_TIMEOUT),
     default=DEFAULT_CONNECT_TIMEOUT,
     show_default=True,
     metavar="SECONDS",
@@ -170,9 +221,11 @@ async def migrate_command(database_url: str | None, sql: bool) -> None:
     await migrate(location.url)
     head, where = before.head, location.display_url
     if before.ready:
-        click.echo(f"schema already at {head} (head) in {where}")
+        click.echo(f"schema already at {head} (head) in {printable(where)}")
     else:
-        click.echo(f"schema migrated from {before.revision or 'empty'} to {head} in {where}")
+        click.echo(
+            f"schema migrated from {before.revision or 'empty'} to {head} in {printable(where)}"
+        )
 
 
 @cli.command("status")
@@ -212,10 +265,12 @@ async def status_command(database_url: str | None, as_json: bool) -> None:
     elif location.source is DatabaseSource.ENVIRONMENT:
         where += f"  (from ${DATABASE_URL_VARIABLE})"
     overview = overview_grid()
-    overview.add_row("database", where)
-    overview.add_row("server", f"PostgreSQL {server}")
+    overview.add_row("database", literal(where))
+    overview.add_row("server", literal(f"PostgreSQL {server}"))
     state = "up to date" if schema.ready else "behind: run `registry migrate`"
-    overview.add_row("schema", f"{schema.revision or 'none'} (head {schema.head}): {state}")
+    overview.add_row(
+        "schema", literal(f"{schema.revision or 'none'} (head {schema.head}): {state}")
+    )
     console.print(overview)
     if counts is None:
         return
@@ -233,9 +288,7 @@ async def status_command(database_url: str | None, as_json: bool) -> None:
 @click.option(
     "--status", type=click.Choice([status.value for status in RunStatus]), help="Only this status."
 )
-@click.option(
-    "--limit", type=click.IntRange(min=1), default=50, show_default=True, help="At most N runs."
-)
+@click.option("--limit", type=count_range(1), default=50, show_default=True, help="At most N runs.")
 @json_option
 @async_command
 async def runs_command(
@@ -346,8 +399,8 @@ async def forward_command(
         return
     noun = "decision" if len(decisions) == 1 else "decisions"
     click.echo(
-        f"forwarded {len(decisions)} {noun} to run {forwarded.run_id} "
-        f"(thread {forwarded.thread_id})"
+        f"forwarded {len(decisions)} {noun} to run {printable(forwarded.run_id)} "
+        f"(thread {printable(forwarded.thread_id)})"
     )
 
 
@@ -377,7 +430,7 @@ async def cancel_command(
             missing = f"thread {thread_id!r} has no active run"
     if cancelled is None:
         raise CommandError(f"nothing cancelled: {missing}")
-    click.echo(f"cancel requested for run {cancelled}")
+    click.echo(f"cancel requested for run {printable(cancelled)}")
 
 
 # --- streams --------------------------------------------------------------------------------------
@@ -389,7 +442,7 @@ async def cancel_command(
 @click.option(
     "--from",
     "from_seq",
-    type=click.IntRange(min=1),
+    type=count_range(1),
     default=1,
     show_default=True,
     metavar="SEQ",
@@ -472,7 +525,7 @@ async def prune_command(database_url: str | None, older_than: timedelta) -> None
     metavar="TIME",
     help="Only decisions received since TIME: a duration ago (2h, 7d) or ISO 8601 (local).",
 )
-@click.option("--limit", type=click.IntRange(min=1), metavar="N", help="Only the newest N.")
+@click.option("--limit", type=count_range(1), metavar="N", help="Only the newest N.")
 @click.option(
     "--format",
     "output_format",

@@ -13,20 +13,29 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
+import os
+import re
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import click
 
-from registry.database import driver_error
+from registry.console import printable, quoted
+from registry.database import async_url, driver_error
 from registry.errors import (
     DatabaseError,
     DatabaseUnavailableError,
     InvalidInputError,
     RegistryError,
 )
-from registry.locate import DATABASE_URL_VARIABLE, DatabaseLocation, locate_database
+from registry.locate import (
+    DATABASE_URL_VARIABLE,
+    DatabaseLocation,
+    DatabaseSource,
+    locate_database,
+)
 from registry.registry import RunRegistry
 from registry.schema import SchemaStatus, schema_status
 from registry.settings import RegistrySettings
@@ -48,6 +57,11 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 
 #: the owner the command line's registry connects as; it never registers runs
 WORKER_ID = "registry-cli"
+
+#: The largest number an option accepts for a count or a sequence number: PostgreSQL's bigint.
+BIGINT_MAX = 2**63 - 1
+#: The longest ``--connect-timeout``, in seconds.
+MAX_CONNECT_TIMEOUT = 3600.0
 
 
 class CommandError(click.ClickException):
@@ -74,11 +88,12 @@ class Options:
 
 
 def fail(message: str) -> None:
-    click.echo(f"registry: error: {one_line(message)}", err=True)
+    """Say on stderr, in one line, what went wrong (control characters written as escapes)."""
+    click.echo(f"registry: error: {printable(one_line(message))}", err=True)
 
 
 def note(message: str) -> None:
-    click.echo(f"registry: {message}", err=True)
+    click.echo(f"registry: {printable(one_line(message))}", err=True)
 
 
 def one_line(text: str) -> str:
@@ -146,6 +161,21 @@ def parsed_by(parse: Callable[[str], Any]) -> Callable[[click.Context, click.Par
     return callback
 
 
+class FiniteFloatRange(click.FloatRange):
+    """A :class:`click.FloatRange` that also refuses ``nan`` (which compares with nothing)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number.", param, ctx)
+        return number
+
+
+def count_range(minimum: int) -> click.IntRange:
+    """Whole numbers from ``minimum`` up to what PostgreSQL's bigint holds."""
+    return click.IntRange(min=minimum, max=BIGINT_MAX)
+
+
 def options() -> Options:
     options = click.get_current_context().find_object(Options)
     return options if options is not None else Options(None, DEFAULT_CONNECT_TIMEOUT)
@@ -155,16 +185,86 @@ def options() -> Options:
 
 
 async def locate(database_url: str | None, *, quiet: bool = False) -> DatabaseLocation:
-    """The database chosen for this command (the command's option wins over the group's)."""
+    """The database chosen for this command (the command's option wins over the group's).
+
+    A URL that cannot be used (not a PostgreSQL URL, a port that is not one) is a usage error
+    naming the option or the environment variable it came from.
+    """
+    given = database_url if database_url is not None else options().database_url
+    where = "--database-url" if given is not None else DATABASE_URL_VARIABLE
     try:
-        location = await locate_database(database_url or options().database_url)
+        location = await locate_database(given)
     except InvalidInputError as exc:
-        if exc.field == "url":
-            raise BadInputError(f"--database-url: {exc.reason}") from exc
+        if exc.field in ("url", DATABASE_URL_VARIABLE):
+            raise BadInputError(f"{where}: {exc.reason}") from exc
         raise
+    except ValueError as exc:
+        if given is None and not os.environ.get(DATABASE_URL_VARIABLE, "").strip():
+            raise  # not a URL's: the embedded server's
+        # SQLAlchemy's URL parser raises a bare ValueError for a port that is not a number
+        raise BadInputError(f"{where}: not a database URL: {exc}") from exc
+    if location.source is not DatabaseSource.EMBEDDED:
+        check_url(location.url, where)
     if location.started and not quiet:
         note(f"started the embedded PostgreSQL (data in {location.data_dir})")
     return location
+
+
+def check_url(url: str, where: str) -> None:
+    """Refuse what :func:`locate_database` lets through but no connection could use.
+
+    Text that is not UTF-8, an empty host or a port outside 1-65535 (in the URL, its ``host``
+    and ``port`` parameters, or ``$PGPORT``, which the driver reads) would fail only in the
+    driver, with a traceback rather than a message.
+    """
+    try:
+        url.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInputError(f"{where}: is not valid UTF-8") from None
+    parsed = async_url(url)
+    ports = [str(parsed.port)] if parsed.port is not None else []
+    ports += _listed(parsed.query.get("port"))
+    hosts = _listed(parsed.query.get("host"))
+    if parsed.host is not None and "," in parsed.host:
+        hosts += _listed(parsed.host)  # a list of hosts; one host's port is parsed.port
+    for host in hosts:
+        if not host:
+            raise BadInputError(f"{where}: a host in the list is empty")
+        if host.startswith("/"):
+            continue  # a Unix socket's directory
+        if host.startswith("["):
+            match = _BRACKETED_HOST.fullmatch(host)
+            if match is None:
+                raise BadInputError(f"{where}: {quoted(host)} is not an IPv6 address in brackets")
+            port = match.group(1) or ""
+        else:
+            port = host.partition(":")[2]
+        if port:
+            ports.append(port)
+    if not ports and os.environ.get("PGPORT"):
+        where = "$PGPORT"
+        ports = os.environ["PGPORT"].split(",")
+    for port in ports:
+        digits = port.strip()
+        if not (digits.isascii() and digits.isdecimal() and len(digits) <= 5) or not (
+            1 <= int(digits) <= 65535
+        ):
+            raise BadInputError(f"{where}: port {quoted(port)} is not a port number (1-65535)")
+
+
+#: ``[address]`` or ``[address]:port``, as the driver reads a host of a URL's host list
+_BRACKETED_HOST = re.compile(r"\[[^\]]+\](?::(.*))?")
+
+
+def _listed(value: str | tuple[str, ...] | None) -> list[str]:
+    """A URL part or query parameter's comma-separated entries (a parameter may repeat)."""
+    if not value:
+        return []
+    return [
+        entry
+        for text in ([value] if isinstance(value, str) else value)
+        for entry in text.split(",")
+    ]
 
 
 @contextlib.asynccontextmanager

@@ -4,12 +4,16 @@ Tables and the console they print to, times, latencies and durations for people,
 output for programs, and parsing of the text people type (durations, points in time,
 decisions). Parsers raise :class:`~registry.errors.InvalidInputError`; the command line turns
 it into a usage error. Output goes to standard output.
+
+Whatever the tables show that came from the database or from a person (ids, reasons, URLs,
+paths) is data, never markup: it goes into a table as :func:`literal` text, with the
+characters that would steer a terminal (ESC, other controls, bidirectional overrides) shown
+as escapes such as ``\\x1b`` (see :func:`printable`).
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import csv
 import enum
 import json
@@ -18,12 +22,12 @@ import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import IO, Any, cast
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from registry.embedded import EmbeddedStatus
 from registry.errors import InvalidInputError
@@ -31,8 +35,45 @@ from registry.models import RunRecord, RunStatus, StreamChunk, ToolCallDecision
 
 _DURATION_PART = re.compile(r"(\d+)([smhdw])")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+#: The longest duration accepted (``--older-than``, ``--since``): a thousand years back is
+#: still a time both Python and PostgreSQL can hold.
+MAX_DURATION = timedelta(days=365_000)
+#: The deepest nesting of a ``--decision`` document (the decision object is level 1).
+MAX_DECISION_DEPTH = 200
+#: The most bytes ``--decision @FILE`` reads.
+MAX_DECISION_BYTES = 16 * 1024 * 1024
+#: characters that must not reach a terminal as they are: C0 and C1 controls (ESC starts the
+#: sequences that move the cursor or recolor), line separators, bidirectional overrides, and
+#: lone surrogates (which cannot even be encoded)
+_UNPRINTABLE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+#: what JSON leaves raw but a terminal would act on (JSON escapes the C0 controls itself)
+_JSON_UNSAFE = re.compile(r"[\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 #: columns whose values (ids, states) may fold onto several lines in a narrow terminal
 _FOLDING_COLUMNS = {"RUN", "THREAD", "AGENT", "OWNER", "DECISION", "TARGET", "STATUS"}
+
+
+# --- text for terminals ---------------------------------------------------------------------------
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that could steer a terminal written as an escape.
+
+    A stored ESC prints as the four characters ``\\x1b``, a line separator as ``\\u2028``;
+    markup characters stay as they are (a :func:`literal` prints them as such).
+    """
+    return _UNPRINTABLE.sub(_escape_character, text)
+
+
+def _escape_character(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def literal(value: object) -> Text:
+    """``value`` as text rich prints as it is: no markup, no emoji codes, no control characters."""
+    return Text(printable(str(value)))
 
 
 # --- tables ---------------------------------------------------------------------------------------
@@ -111,19 +152,19 @@ def audit_table(
     columns += ["DELIVERED AFTER", "ACKED AFTER", "RUN STATUS"]
     table = make_table(*columns, title=title)
     for row in rows:
-        cells = [str(row["id"])] + ([row["run_id"], row["agent_id"]] if not one_run else [])
+        cells = [row["id"]] + ([row["run_id"], row["agent_id"]] if not one_run else [])
         cells += [
             row["decision_id"] or "-",
             row["target_id"],
             row["action"],
             decision_state(row),
-            str(row["attempts"]),
+            row["attempts"],
             format_time(row["received_at"]),
             format_interval(row["delivery_latency"]),
             format_interval(row["ack_latency"]),
             row["run_status"],
         ]
-        table.add_row(*cells)
+        table.add_row(*(literal(cell) for cell in cells))
     return table
 
 
@@ -134,7 +175,7 @@ def runs_table(records: Iterable[RunRecord]) -> Table:
         state = record.status.value
         if record.status is RunStatus.ACTIVE and record.cancel_requested_at is not None:
             state += " (cancel requested)"
-        table.add_row(
+        cells = (
             record.run_id,
             record.thread_id,
             record.agent_id,
@@ -143,6 +184,7 @@ def runs_table(records: Iterable[RunRecord]) -> Table:
             format_time(record.created_at),
             format_time(record.ended_at),
         )
+        table.add_row(*(literal(cell) for cell in cells))
     return table
 
 
@@ -153,11 +195,11 @@ def run_overview(
     overview = overview_grid()
     for key, value in columns.items():
         shown = format_time(value) if isinstance(value, datetime) else value
-        overview.add_row(key.replace("_", " "), "-" if shown is None else str(shown))
+        overview.add_row(literal(key.replace("_", " ")), literal("-" if shown is None else shown))
     if stream_seq is None:
         overview.add_row("stream", "none (never opened, or pruned)")
     else:
-        overview.add_row("stream", f"{stored_chunks} chunks stored, last seq {stream_seq}")
+        overview.add_row("stream", literal(f"{stored_chunks} chunks stored, last seq {stream_seq}"))
     return overview
 
 
@@ -168,17 +210,18 @@ def decisions_table(decisions: Sequence[Mapping[str, Any]]) -> Table:
         *columns, "RECEIVED", "DELIVERED", "ACKED", title=f"decisions ({len(decisions)})"
     )
     for decision in decisions:
-        table.add_row(
-            str(decision["id"]),
+        cells = (
+            decision["id"],
             decision["decision_id"] or "-",
             decision["target_id"],
             decision["action"],
             decision_state(decision),
-            str(decision["attempts"]),
+            decision["attempts"],
             format_time(decision["received_at"]),
             format_time(decision["delivered_at"]),
             format_time(decision["acked_at"]),
         )
+        table.add_row(*(literal(cell) for cell in cells))
     return table
 
 
@@ -186,7 +229,7 @@ def counts_table(title: str, counts: Mapping[str, int]) -> Table:
     """Row counts by status, titled ``title``."""
     table = make_table("STATUS", "COUNT", title=title)
     for status, count in counts.items():
-        table.add_row(status, str(count))
+        table.add_row(literal(status), literal(count))
     return table
 
 
@@ -199,12 +242,12 @@ def embedded_overview(status: EmbeddedStatus) -> Table:
         state = "stopped"
     else:
         state = "not created yet (any command without a database URL creates it)"
-    overview.add_row("embedded PostgreSQL", state)
-    overview.add_row("data", str(status.data_dir))
+    overview.add_row("embedded PostgreSQL", literal(state))
+    overview.add_row("data", literal(status.data_dir))
     if status.version is not None:
-        overview.add_row("version", f"PostgreSQL {status.version}")
+        overview.add_row("version", literal(f"PostgreSQL {status.version}"))
     if status.url is not None:
-        overview.add_row("url", status.url)
+        overview.add_row("url", literal(status.url))
     return overview
 
 
@@ -275,53 +318,84 @@ def format_duration(value: timedelta) -> str:
 def parse_duration(text: str) -> timedelta:
     """``7d``, ``12h``, ``30m``, ``45s``, ``2w`` or combinations like ``1h30m``.
 
-    Raises :class:`InvalidInputError` (field ``duration``) for anything else.
+    At most :data:`MAX_DURATION`. Raises :class:`InvalidInputError` (field ``duration``) for
+    anything else.
     """
+    duration = _duration(text)
+    if duration is None:
+        raise InvalidInputError(
+            "duration", f"{quoted(text)} is not a duration such as 7d, 12h, 30m or 1h30m"
+        )
+    return duration
+
+
+def _duration(text: str) -> timedelta | None:
+    """The duration ``text`` writes, ``None`` if it writes none; too long a one raises."""
     compact = text.strip().lower().replace(" ", "")
     parts = _DURATION_PART.findall(compact)
     if not parts or "".join(number + unit for number, unit in parts) != compact:
+        return None
+    longest = int(MAX_DURATION.total_seconds())
+    seconds = 0
+    for number, unit in parts:
+        if len(number.lstrip("0")) > 20:  # too long, and too many digits to convert quickly
+            seconds = longest + 1
+            break
+        seconds += int(number) * _DURATION_UNITS[unit]
+    if seconds > longest:
         raise InvalidInputError(
-            "duration", f"{text!r} is not a duration such as 7d, 12h, 30m or 1h30m"
+            "duration",
+            f"{quoted(text)} is longer than {format_duration(MAX_DURATION)} (1000 years)",
         )
-    return timedelta(seconds=sum(int(number) * _DURATION_UNITS[unit] for number, unit in parts))
+    return timedelta(seconds=seconds)
 
 
 def parse_since(text: str) -> datetime:
     """A point in time: a duration ago (``2h``) or an ISO 8601 date or time (local if naive).
 
-    Always timezone-aware. Raises :class:`InvalidInputError` (field ``time``) for anything else.
+    Always timezone-aware. Raises :class:`InvalidInputError` (field ``time``) for anything
+    else, and for a duration longer than :data:`MAX_DURATION` or a time out of range.
     """
     text = text.strip()
-    with contextlib.suppress(InvalidInputError):
-        return datetime.now(UTC) - parse_duration(text)
+    try:
+        duration = _duration(text)
+    except InvalidInputError as exc:
+        raise InvalidInputError("time", exc.reason) from None
+    if duration is not None:
+        return datetime.now(UTC) - duration
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise InvalidInputError(
             "time",
-            f"{text!r} is neither a duration (2h, 7d) nor an ISO 8601 time "
+            f"{quoted(text)} is neither a duration (2h, 7d) nor an ISO 8601 time "
             "(2026-11-25 or 2026-11-25T14:00)",
         ) from None
-    return moment if moment.tzinfo is not None else moment.astimezone()
+    try:
+        moment = moment if moment.tzinfo is not None else moment.astimezone()
+        # a time near the ends of the calendar fails here, not in the driver
+        moment.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise InvalidInputError("time", f"{quoted(text)} is out of range") from None
+    return moment
 
 
 def parse_decisions(text: str) -> list[ToolCallDecision]:
     """A JSON object or array of objects in the decision shape; ``@file`` / ``@-`` read it.
 
     Raises :class:`InvalidInputError` naming the offending field (``decisions[1].action``),
-    or ``--decision`` when the text as a whole is unusable.
+    or ``--decision`` when the text as a whole is unusable: not UTF-8, not JSON, nested
+    deeper than :data:`MAX_DECISION_DEPTH`, longer than :data:`MAX_DECISION_BYTES`.
     """
-    source = text
-    if text.startswith("@"):
-        path = text[1:]
-        try:
-            source = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise InvalidInputError("--decision", f"cannot read {path}: {exc.strerror}") from exc
+    source = _read_decisions(text[1:]) if text.startswith("@") else text
     try:
         document = json.loads(source)
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError("--decision", f"not JSON: {exc}") from exc
+    except RecursionError:
+        raise InvalidInputError("--decision", _too_deep()) from None
+    except ValueError as exc:  # json.JSONDecodeError, or an integer of too many digits
+        raise InvalidInputError("--decision", f"not JSON: {one_line_of(exc)}") from None
+    if _depth(document) > MAX_DECISION_DEPTH:
+        raise InvalidInputError("--decision", _too_deep())
     if isinstance(document, dict):
         items: list[Any] = [document]
     elif isinstance(document, list) and document:
@@ -339,6 +413,67 @@ def parse_decisions(text: str) -> list[ToolCallDecision]:
             reason = exc.reason.removeprefix("Value error, ")
             raise InvalidInputError(f"decisions[{index}].{exc.field}", reason) from exc
     return decisions
+
+
+def _read_decisions(path: str) -> str:
+    """The text of ``--decision @path`` (``@-``: standard input), which must be UTF-8."""
+    name = "standard input" if path == "-" else path
+    try:
+        if path == "-":
+            stdin = sys.stdin
+            data = (
+                stdin.buffer.read(MAX_DECISION_BYTES + 1)
+                if hasattr(stdin, "buffer")
+                else stdin.read(MAX_DECISION_BYTES + 1).encode("utf-8", "surrogateescape")
+            )
+        else:
+            with open(path, "rb") as file:
+                data = file.read(MAX_DECISION_BYTES + 1)
+    except OSError as exc:
+        reason = exc.strerror or one_line_of(exc)
+        raise InvalidInputError("--decision", f"cannot read {name}: {reason}") from None
+    except ValueError as exc:  # a NUL in the path
+        raise InvalidInputError("--decision", f"cannot read {quoted(path)}: {exc}") from None
+    if len(data) > MAX_DECISION_BYTES:
+        raise InvalidInputError(
+            "--decision", f"{name} is longer than {MAX_DECISION_BYTES // 1024 // 1024} MiB"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(
+            "--decision", f"{name} is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x})"
+        ) from None
+
+
+def _depth(document: Any) -> int:
+    """How deeply JSON arrays and objects nest in ``document`` (a scalar is 0), iteratively."""
+    deepest = 0
+    pending: list[tuple[Any, int]] = [(document, 0)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_DECISION_DEPTH:
+                break
+            children = value.values() if isinstance(value, dict) else value
+            pending.extend((child, depth) for child in children)
+    return deepest
+
+
+def _too_deep() -> str:
+    return f"nested too deeply (at most {MAX_DECISION_DEPTH} levels of arrays and objects)"
+
+
+def quoted(text: str, limit: int = 60) -> str:
+    """``text`` as a Python literal for messages, cut short after ``limit`` characters."""
+    return repr(text) if len(text) <= limit else repr(text[: limit - 3]) + "..."
+
+
+def one_line_of(exc: BaseException) -> str:
+    """The exception's message on one line."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 # --- output for programs --------------------------------------------------------------------------
@@ -360,9 +495,19 @@ def jsonable(value: Any) -> Any:
 
 
 def print_json(value: Any) -> None:
-    """Print ``value`` as one indented JSON document (see :func:`jsonable`)."""
-    sys.stdout.write(json.dumps(jsonable(value), indent=2, ensure_ascii=False) + "\n")
+    """Print ``value`` as one indented JSON document (see :func:`jsonable`).
+
+    Characters JSON allows raw but a terminal would act on (C1 controls, line separators) are
+    written as ``\\u`` escapes, which any JSON reader turns back into the same text.
+    """
+    document = json.dumps(jsonable(value), indent=2, ensure_ascii=False)
+    sys.stdout.write(_JSON_UNSAFE.sub(_json_escape, document) + "\n")
     sys.stdout.flush()
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    # such characters occur only inside JSON strings, where the escape means the same
+    return f"\\u{ord(match.group()):04x}"
 
 
 def run_json(record: RunRecord) -> dict[str, Any]:
