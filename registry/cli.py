@@ -36,9 +36,11 @@ from registry.cli_base import (
     CommandError,
     FiniteFloatRange,
     Options,
+    answering,
     async_command,
     cause,
     configure_logging,
+    connected_inspector,
     connected_registry,
     count_range,
     database_option,
@@ -50,6 +52,7 @@ from registry.cli_base import (
     options,
     parsed_by,
     read_schema_status,
+    read_status,
 )
 from registry.console import (
     ChunkWriter,
@@ -74,7 +77,7 @@ from registry.console import (
 )
 from registry.database import UNREACHABLE, driver_error
 from registry.embedded import embedded_status, stop_embedded
-from registry.errors import InvalidInputError, RegistryError
+from registry.errors import DatabaseError, InvalidInputError, RegistryError
 from registry.locate import (
     DATABASE_URL_VARIABLE,
     EMBEDDED_DATABASE,
@@ -84,7 +87,7 @@ from registry.locate import (
     ensure_embedded,
 )
 from registry.models import RunStatus
-from registry.schema import alembic_config, migrate
+from registry.schema import alembic_config, check_revision, migrate
 
 #: chunks read per query when printing a stored stream
 _READ_BATCH = 1000
@@ -235,12 +238,9 @@ async def migrate_command(database_url: str | None, sql: bool) -> None:
 async def status_command(database_url: str | None, as_json: bool) -> None:
     """Server version, schema revision against head, and runs and decisions by status."""
     location = await locate(database_url)
-    schema = await read_schema_status(location)
-    counts = None
-    if schema.ready:
-        async with connected_registry(location) as registry:
-            counts = await registry.status_counts()
-    version = schema.server_version_num
+    status = await read_status(location)
+    schema, visible, version = status.schema, status.visible, status.schema.server_version_num
+    runs, decisions = status.runs, status.decisions
     server = f"{version // 10000}.{version % 10000}"
     if as_json:
         print_json(
@@ -252,9 +252,9 @@ async def status_command(database_url: str | None, as_json: bool) -> None:
                 "server_version_num": version,
                 "schema_revision": schema.revision,
                 "head_revision": schema.head,
-                "schema_ready": schema.ready,
-                "runs": None if counts is None else counts["runs"],
-                "decisions": None if counts is None else counts["decisions"],
+                "schema_ready": schema.ready if visible["schema"] else None,
+                "runs": runs,
+                "decisions": decisions,
             }
         )
         return
@@ -267,15 +267,19 @@ async def status_command(database_url: str | None, as_json: bool) -> None:
     overview = overview_grid()
     overview.add_row("database", literal(where))
     overview.add_row("server", literal(f"PostgreSQL {server}"))
-    state = "up to date" if schema.ready else "behind: run `registry migrate`"
-    overview.add_row(
-        "schema", literal(f"{schema.revision or 'none'} (head {schema.head}): {state}")
-    )
+    if visible["schema"]:
+        state = "up to date" if schema.ready else "behind: run `registry migrate`"
+        overview.add_row(
+            "schema", literal(f"{schema.revision or 'none'} (head {schema.head}): {state}")
+        )
+    else:
+        overview.add_row("schema", literal(f"not visible to this role (head {schema.head})"))
+    if not visible["runs"]:
+        overview.add_row("runs", literal("not visible to this role"))
     console.print(overview)
-    if counts is None:
-        return
-    for kind in ("runs", "decisions"):
-        console.print(counts_table(kind, counts[kind]))
+    for kind, table in (("runs", runs), ("decisions", decisions)):
+        if table is not None:
+            console.print(counts_table(kind, table))
 
 
 # --- runs -----------------------------------------------------------------------------------------
@@ -550,10 +554,16 @@ async def audit_command(
     delivery and acknowledgement latency, attempts, status and drop reason.
     """
     location = await locate(database_url)
-    async with connected_registry(location) as registry:
-        rows = await registry.audit_trail(
-            run_id=run_id, thread_id=thread_id, agent_id=agent_id, since=since, limit=limit
-        )
+    # the view only: what the auditing role may read (no schema check, no secret)
+    async with connected_inspector(location) as inspector, answering(location):
+        try:
+            rows = await inspector.audit_trail(
+                run_id=run_id, thread_id=thread_id, agent_id=agent_id, since=since, limit=limit
+            )
+        except DatabaseError as exc:
+            if exc.sqlstate == "42P01":  # no decision_audit view: say which migration is due
+                check_revision(await inspector.schema_revision())
+            raise
     if output_format == "json":
         print_json(rows)
     elif output_format == "csv":

@@ -16,20 +16,21 @@ import logging
 import math
 import os
 import re
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import click
 
 from registry.console import printable, quoted
-from registry.database import async_url, driver_error
+from registry.database import async_url, asyncpg_dsn, driver_error
 from registry.errors import (
     DatabaseError,
     DatabaseUnavailableError,
     InvalidInputError,
     RegistryError,
 )
+from registry.inspection import RegistryInspector
 from registry.locate import (
     DATABASE_URL_VARIABLE,
     DatabaseLocation,
@@ -37,7 +38,7 @@ from registry.locate import (
     locate_database,
 )
 from registry.registry import RunRegistry
-from registry.schema import SchemaStatus, schema_status
+from registry.schema import SchemaStatus, head_revision, schema_status
 from registry.settings import RegistrySettings
 
 _P = ParamSpec("_P")
@@ -308,6 +309,67 @@ async def connected_registry(
         yield registry
 
 
+@contextlib.asynccontextmanager
+async def connected_inspector(location: DatabaseLocation) -> AsyncIterator[RegistryInspector]:
+    """Read-only access to ``location`` that checks no schema and reads no secret: what an
+    auditing role, with ``SELECT`` on ``decision_audit`` only, may use. Closed at the end."""
+    settings = RegistrySettings(call_timeout=options().connect_timeout)
+    inspector = RegistryInspector(dsn=asyncpg_dsn(location.url), settings=settings)
+    async with inspector:
+        yield inspector
+
+
 async def read_schema_status(location: DatabaseLocation) -> SchemaStatus:
     async with answering(location):
         return await schema_status(location.url)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusView:
+    """What ``registry status`` shows, as far as the role may read it (``None``: not read)."""
+
+    schema: SchemaStatus
+    #: which parts the role may read: ``schema`` (alembic_version), ``runs`` (the tables)
+    visible: dict[str, bool]
+    runs: dict[str, int] | None
+    decisions: dict[str, int] | None
+
+
+async def read_status(location: DatabaseLocation) -> StatusView:
+    """The server version, the schema revision against head, and runs and decisions per
+    status, each as far as the connecting role may read it: a role with the auditor's grants
+    (``SELECT`` on ``decision_audit`` only) gets the version and the decisions per status."""
+    head = head_revision()
+    visible = {"schema": True, "runs": True}
+    runs: dict[str, int] | None = None
+    decisions: dict[str, int] | None = None
+    async with connected_inspector(location) as inspector:
+        async with answering(location):
+            version = await inspector.server_version()
+        revision = await _unless_denied(inspector.schema_revision())
+        if isinstance(revision, _Denied):
+            visible["schema"], revision = False, None
+        if revision == head or not visible["schema"]:
+            counts = await _unless_denied(inspector.status_counts())
+            if isinstance(counts, _Denied):
+                visible["runs"] = False
+                audited = await _unless_denied(inspector.audited_decision_counts())
+                decisions = None if isinstance(audited, _Denied) else audited
+            else:
+                runs, decisions = counts["runs"], counts["decisions"]
+    return StatusView(SchemaStatus(revision, head, version), visible, runs, decisions)
+
+
+class _Denied:
+    """What a read this role may not make gave."""
+
+
+async def _unless_denied(read: Awaitable[_T]) -> _T | _Denied:
+    """The read's result, or a :class:`_Denied` when PostgreSQL refused it for want of a
+    privilege (SQLSTATE 42501)."""
+    try:
+        return await read
+    except DatabaseError as exc:
+        if exc.sqlstate != "42501":
+            raise
+        return _Denied()

@@ -68,6 +68,15 @@ class RegistryInspector:
         self._check_open()
         return await self._lane.retry_once(operation)
 
+    async def server_version(self) -> int:
+        """The server's ``server_version_num`` (for example 150019)."""
+        return await self._retry_once(repository.server_version)
+
+    async def audited_decision_counts(self) -> dict[str, int]:
+        """Decisions per status through the ``decision_audit`` view, every status present:
+        what a role with only the auditor's grants may count."""
+        return await self._retry_once(repository.audited_decision_counts)
+
     async def schema_revision(self) -> str | None:
         """The Alembic revision the database is at, ``None`` before the first migration."""
         return await self._retry_once(repository.schema_revision)

@@ -915,6 +915,18 @@ async def status_counts(connection: DriverConnection) -> dict[str, dict[str, int
     return counts
 
 
+_AUDITED_DECISION_COUNTS = "SELECT status, count(*) AS total FROM decision_audit GROUP BY status"
+
+
+async def audited_decision_counts(connection: DriverConnection) -> dict[str, int]:
+    """Decisions per status read through the ``decision_audit`` view (what an auditor may
+    read); every status appears, with 0 when no row has it."""
+    counts = {str(status): 0 for status in DecisionStatus}
+    for row in await connection.fetch(_AUDITED_DECISION_COUNTS):
+        counts[row["status"]] = int(row["total"])
+    return counts
+
+
 _LIST_RUNS = f"""
     SELECT {_RUN_COLUMNS} FROM runs
      WHERE ($1::text IS NULL OR thread_id = $1::text)

@@ -14,6 +14,7 @@ from sqlalchemy.engine import make_url
 from registry import RegistrySettings, RunRegistry, ToolCallDecision
 from registry.database import asyncpg_dsn
 from registry.repository import application_grants
+from tests.cli.runner import registry
 
 
 async def _role_url(admin: asyncpg.Connection, url: str, role: str) -> str:
@@ -127,3 +128,23 @@ async def test_the_auditor_reads_the_audit_view_and_nothing_else(roles: dict[str
             await connection.execute("UPDATE decisions SET status = 'acked'")
     finally:
         await connection.close()
+
+
+async def test_the_auditor_runs_registry_audit_and_status(roles: dict[str, str]) -> None:
+    url = ("--database-url", roles["auditor"])
+    audit = await registry("audit", "--format", "json", *url)
+    assert audit.code == 0, str(audit)
+    assert [(row["decision_id"], row["status"]) for row in audit.json()] == [
+        ("d1", "acked"),
+        ("d2", "delivered"),
+    ]
+    status = await registry("status", "--json", *url)
+    assert status.code == 0, str(status)
+    report = status.json()
+    # what the auditor may read: the server, and decisions through the view; not the tables
+    assert report["schema_ready"] is None
+    assert report["runs"] is None
+    assert report["decisions"] == {"pending": 0, "delivered": 1, "acked": 1, "dropped": 0}
+    human = await registry("status", *url)
+    assert human.code == 0, str(human)
+    assert "not visible to this role" in human.stdout
