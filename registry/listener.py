@@ -34,6 +34,8 @@ LISTENER_APPLICATION_NAME = "registry-listener"
 
 #: A round trip on the LISTEN connection that a half-open socket cannot complete.
 HealthProbe = Callable[[Any], Awaitable[object]]
+#: Opens the LISTEN connection within the given seconds (raising the driver's errors).
+Connector = Callable[[float], Awaitable[asyncpg.Connection]]
 
 #: Seconds before the first reconnect attempt after a failure; doubled per failure in a row.
 _FIRST_BACKOFF = 0.05
@@ -58,7 +60,9 @@ class Listener:
     Only the supervisor task operates on the connection (connect, LISTEN, probe), one operation
     at a time, and :meth:`stop` closes it only once the supervisor has ended, so a probe never
     overlaps another operation. ``health_interval``, ``connect_timeout`` and ``max_backoff``
-    (the longest pause between reconnect attempts) are in seconds.
+    (the longest pause between reconnect attempts) are in seconds. ``connect`` opens the
+    connection (the registry passes one that applies the URL's parameters, as its query
+    connections do); without it, ``dsn`` goes to ``asyncpg.connect`` as it is.
     """
 
     def __init__(
@@ -72,8 +76,10 @@ class Listener:
         health_interval: float = 2.0,
         connect_timeout: float = 5.0,
         max_backoff: float = 2.0,
+        connect: Connector | None = None,
     ) -> None:
         self._dsn = dsn
+        self._open = self._open_dsn if connect is None else connect
         self._on_notification = on_notification
         self._on_reconnect = on_reconnect
         self._key = key
@@ -151,12 +157,16 @@ class Listener:
         if not task.cancelled() and (exc := task.exception()) is not None:
             logger.error("listener supervisor ended: %s", _describe(exc), exc_info=exc)
 
-    async def _connect(self) -> asyncpg.Connection:
-        connection = await asyncpg.connect(
+    async def _open_dsn(self, connect_timeout: float) -> asyncpg.Connection:
+        connection: asyncpg.Connection = await asyncpg.connect(
             self._dsn,
-            timeout=self._connect_timeout,
+            timeout=connect_timeout,
             server_settings={"application_name": LISTENER_APPLICATION_NAME},
         )
+        return connection
+
+    async def _connect(self) -> asyncpg.Connection:
+        connection = await self._open(self._connect_timeout)
         try:
             async with asyncio.timeout(self._connect_timeout):
                 await connection.add_listener(CHANNEL, self._deliver)
