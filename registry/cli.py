@@ -14,7 +14,6 @@ connecting) is in :mod:`registry.cli_base`, what they print is built in
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -53,18 +52,17 @@ from registry.cli_base import (
     parsed_by,
     read_schema_status,
     read_status,
+    silence_stdout,
+    unusable_argument,
 )
 from registry.console import (
     ChunkWriter,
     audit_table,
-    counts_table,
     decisions_table,
     embedded_json,
     embedded_overview,
     format_duration,
-    literal,
     output_console,
-    overview_grid,
     parse_decisions,
     parse_duration,
     parse_since,
@@ -73,6 +71,8 @@ from registry.console import (
     run_json,
     run_overview,
     runs_table,
+    status_json,
+    status_view,
     write_csv,
 )
 from registry.database import UNREACHABLE, driver_error
@@ -82,7 +82,6 @@ from registry.locate import (
     DATABASE_URL_VARIABLE,
     EMBEDDED_DATABASE,
     DatabaseLocation,
-    DatabaseSource,
     embedded_data_dir,
     ensure_embedded,
 )
@@ -146,27 +145,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail(f"internal error: {type(exc).__name__}" + (f": {message}" if message else ""))
         return EXIT_FAILED
     return result if isinstance(result, int) else EXIT_OK
-
-
-def unusable_argument(arg: str) -> str | None:
-    """Why ``arg`` cannot be used, or ``None``: text that is not UTF-8 (which Python hands
-    over with lone surrogates), or a NUL (which no command line can carry)."""
-    try:
-        arg.encode("utf-8")
-    except UnicodeEncodeError:
-        return "is not valid UTF-8"
-    if "\x00" in arg:
-        return "contains a NUL character"
-    return None
-
-
-def silence_stdout() -> None:
-    """Point standard output at the null device, so that exiting does not flush into a closed
-    pipe (and print an error about it)."""
-    with contextlib.suppress(OSError, ValueError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
 
 
 # --- the group and shared options -----------------------------------------------------------------
@@ -239,47 +217,12 @@ async def status_command(database_url: str | None, as_json: bool) -> None:
     """Server version, schema revision against head, and runs and decisions by status."""
     location = await locate(database_url)
     status = await read_status(location)
-    schema, visible, version = status.schema, status.visible, status.schema.server_version_num
-    runs, decisions = status.runs, status.decisions
-    server = f"{version // 10000}.{version % 10000}"
     if as_json:
-        print_json(
-            {
-                "database": location.display_url,
-                "source": location.source.value,
-                "data_dir": None if location.data_dir is None else str(location.data_dir),
-                "server_version": server,
-                "server_version_num": version,
-                "schema_revision": schema.revision,
-                "head_revision": schema.head,
-                "schema_ready": schema.ready if visible["schema"] else None,
-                "runs": runs,
-                "decisions": decisions,
-            }
-        )
+        print_json(status_json(location, status))
         return
     console = output_console()
-    where = location.display_url
-    if location.source is DatabaseSource.EMBEDDED:
-        where += f"  (embedded; data in {location.data_dir})"
-    elif location.source is DatabaseSource.ENVIRONMENT:
-        where += f"  (from ${DATABASE_URL_VARIABLE})"
-    overview = overview_grid()
-    overview.add_row("database", literal(where))
-    overview.add_row("server", literal(f"PostgreSQL {server}"))
-    if visible["schema"]:
-        state = "up to date" if schema.ready else "behind: run `registry migrate`"
-        overview.add_row(
-            "schema", literal(f"{schema.revision or 'none'} (head {schema.head}): {state}")
-        )
-    else:
-        overview.add_row("schema", literal(f"not visible to this role (head {schema.head})"))
-    if not visible["runs"]:
-        overview.add_row("runs", literal("not visible to this role"))
-    console.print(overview)
-    for kind, table in (("runs", runs), ("decisions", decisions)):
-        if table is not None:
-            console.print(counts_table(kind, table))
+    for renderable in status_view(location, status):
+        console.print(renderable)
 
 
 # --- runs -----------------------------------------------------------------------------------------

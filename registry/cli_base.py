@@ -16,13 +16,14 @@ import logging
 import math
 import os
 import re
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import click
 
-from registry.console import printable, quoted
+from registry.console import StatusView, printable, quoted
 from registry.database import async_url, asyncpg_dsn, driver_error
 from registry.errors import (
     DatabaseError,
@@ -83,6 +84,27 @@ class Options:
 
     database_url: str | None
     connect_timeout: float
+
+
+def unusable_argument(arg: str) -> str | None:
+    """Why ``arg`` cannot be used, or ``None``: text that is not UTF-8 (which Python hands
+    over with lone surrogates), or a NUL (which no command line can carry)."""
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    if "\x00" in arg:
+        return "contains a NUL character"
+    return None
+
+
+def silence_stdout() -> None:
+    """Point standard output at the null device, so that exiting does not flush into a closed
+    pipe (and print an error about it)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 # --- messages -------------------------------------------------------------------------------------
@@ -322,17 +344,6 @@ async def connected_inspector(location: DatabaseLocation) -> AsyncIterator[Regis
 async def read_schema_status(location: DatabaseLocation) -> SchemaStatus:
     async with answering(location):
         return await schema_status(location.url)
-
-
-@dataclass(frozen=True, slots=True)
-class StatusView:
-    """What ``registry status`` shows, as far as the role may read it (``None``: not read)."""
-
-    schema: SchemaStatus
-    #: which parts the role may read: ``schema`` (alembic_version), ``runs`` (the tables)
-    visible: dict[str, bool]
-    runs: dict[str, int] | None
-    decisions: dict[str, int] | None
 
 
 async def read_status(location: DatabaseLocation) -> StatusView:

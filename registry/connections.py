@@ -300,3 +300,16 @@ class _Transaction:
             except Exception:
                 self._connection.terminate()
         # otherwise (cancelled, or the connection broke) the lane terminates the connection
+
+
+async def converge(call: Callable[[], Awaitable[_T]]) -> _T:
+    """Run a write whose retry converges (it is idempotent), once more if its connection
+    broke before the reply (:class:`~registry.errors.OutcomeUnknownError`); not after a
+    missed deadline, where a silent server would make the caller wait a second deadline."""
+    try:
+        return await call()
+    except OutcomeUnknownError as exc:
+        if isinstance(exc.__cause__, TimeoutError):
+            raise
+        logger.info("retrying a write whose outcome is unknown (%s)", exc)
+        return await call()

@@ -21,6 +21,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any, cast
 
@@ -31,7 +32,9 @@ from rich.text import Text
 
 from registry.embedded import EmbeddedStatus
 from registry.errors import InvalidInputError
+from registry.locate import DATABASE_URL_VARIABLE, DatabaseLocation, DatabaseSource
 from registry.models import RunRecord, RunStatus, StreamChunk, ToolCallDecision
+from registry.schema import SchemaStatus
 
 _DURATION_PART = re.compile(r"(\d+)([smhdw])")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -573,3 +576,58 @@ class ChunkWriter:
         if not self._as_json and self._last != b"\n" and sys.stdout.isatty():
             self._output.write(b"\n")
         self._output.flush()
+
+
+@dataclass(frozen=True, slots=True)
+class StatusView:
+    """What ``registry status`` shows, as far as the role may read it (``None``: not read)."""
+
+    schema: SchemaStatus
+    #: which parts the role may read: ``schema`` (alembic_version), ``runs`` (the tables)
+    visible: dict[str, bool]
+    runs: dict[str, int] | None
+    decisions: dict[str, int] | None
+
+
+def status_json(location: DatabaseLocation, status: StatusView) -> dict[str, Any]:
+    """``registry status --json``: where the database is, its server, schema and counts."""
+    version = status.schema.server_version_num
+    return {
+        "database": location.display_url,
+        "source": location.source.value,
+        "data_dir": None if location.data_dir is None else str(location.data_dir),
+        "server_version": f"{version // 10000}.{version % 10000}",
+        "server_version_num": version,
+        "schema_revision": status.schema.revision,
+        "head_revision": status.schema.head,
+        "schema_ready": status.schema.ready if status.visible["schema"] else None,
+        "runs": status.runs,
+        "decisions": status.decisions,
+    }
+
+
+def status_view(location: DatabaseLocation, status: StatusView) -> list[Table]:
+    """``registry status`` for people: an overview, then runs and decisions per status."""
+    schema, version = status.schema, status.schema.server_version_num
+    where = location.display_url
+    if location.source is DatabaseSource.EMBEDDED:
+        where += f"  (embedded; data in {location.data_dir})"
+    elif location.source is DatabaseSource.ENVIRONMENT:
+        where += f"  (from ${DATABASE_URL_VARIABLE})"
+    overview = overview_grid()
+    overview.add_row("database", literal(where))
+    overview.add_row("server", literal(f"PostgreSQL {version // 10000}.{version % 10000}"))
+    if status.visible["schema"]:
+        state = "up to date" if schema.ready else "behind: run `registry migrate`"
+        overview.add_row(
+            "schema", literal(f"{schema.revision or 'none'} (head {schema.head}): {state}")
+        )
+    else:
+        overview.add_row("schema", literal(f"not visible to this role (head {schema.head})"))
+    if not status.visible["runs"]:
+        overview.add_row("runs", literal("not visible to this role"))
+    tables = [overview]
+    for kind, counts in (("runs", status.runs), ("decisions", status.decisions)):
+        if counts is not None:
+            tables.append(counts_table(kind, counts))
+    return tables

@@ -63,6 +63,16 @@ class RegistryInspector:
         if self._closed:
             raise RegistryClosedError()
 
+    async def _active_run_of_thread(self, thread_id: str, agent_id: str | None) -> RunRecord | None:
+        # the seed's ownership check: another agent's run is no run at all
+        check_id("thread_id", thread_id)
+        if agent_id is not None:
+            check_id("agent_id", agent_id)
+        record = await self._retry_once(
+            lambda connection: repository.active_run_by_thread(connection, thread_id)
+        )
+        return None if record is None or agent_id not in (None, record.agent_id) else record
+
     async def _retry_once(self, operation: Callable[[DriverConnection], Awaitable[_T]]) -> _T:
         # repeatable reads: once more on a fresh connection after a server restart
         self._check_open()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -346,8 +347,10 @@ def check_decision_batch(
 ) -> tuple[list[ToolCallDecision], list[str]]:
     """Validate a forward's decisions; return them with each ``result`` encoded once, as stored.
 
-    Raises :class:`TooManyDecisionsError` past ``limit`` decisions and
-    :class:`InvalidInputError` naming ``decisions[i]...`` for anything else.
+    A decision without ``decision_id`` is given ``registry-<uuid4>``, once per call: a retry of
+    that call (after a lost reply) stores nothing twice. Raises :class:`TooManyDecisionsError`
+    past ``limit`` decisions and :class:`InvalidInputError` naming ``decisions[i]...`` for
+    anything else.
     """
     if isinstance(decisions, str | bytes | Mapping) or not isinstance(decisions, Iterable):
         raise InvalidInputError("decisions", "expected a sequence of decisions")
@@ -356,6 +359,10 @@ def check_decision_batch(
         raise TooManyDecisionsError(len(batch), limit)
     checked = [
         ToolCallDecision.coerce(f"decisions[{index}]", item) for index, item in enumerate(batch)
+    ]
+    checked = [
+        d if d.decision_id else d.model_copy(update={"decision_id": f"registry-{uuid.uuid4()}"})
+        for d in checked
     ]
     results = [
         json.dumps(decision.result, ensure_ascii=False, separators=(",", ":"))

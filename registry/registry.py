@@ -10,18 +10,14 @@ connection from the lane and runs the repository's statements; the parts it buil
 
 from __future__ import annotations
 
-import logging
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 from registry import repository
-from registry.database import asyncpg_dsn, constraint_name
-from registry.errors import (
-    OutcomeUnknownError,
-    RunAlreadyExistsError,
-)
+from registry.connections import converge
+from registry.database import DriverConnection, asyncpg_dsn
 from registry.handle import RunHandle, RunParts
 from registry.inspection import RegistryInspector
 from registry.listener import Listener
@@ -38,13 +34,8 @@ from registry.notifications import NotificationKey
 from registry.schema import check_revision
 from registry.settings import RegistrySettings
 from registry.streams import StreamSubscription
-from registry.tables import ONE_ACTIVE_RUN_PER_THREAD, RUN_ID_TAKEN
 
-logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
-
-# how often register retries after losing a race on the one-active-run index
-_REGISTER_ATTEMPTS = 5
 
 
 class RunRegistry(RegistryInspector):
@@ -112,22 +103,18 @@ class RunRegistry(RegistryInspector):
         return registry
 
     async def start(self, *, listen: bool = True) -> None:
-        """Start listening (unless ``listen=False``) and the safety net; :meth:`connect`
-        calls it. Raises :class:`DatabaseUnavailableError` if the LISTEN connection fails."""
+        """Start LISTEN (unless ``listen=False``) and the safety net; :meth:`connect` calls it."""
         await self._parts.start(listen=listen)
 
     async def close(self) -> None:
-        """End every waiter, flush pending wake-ups, release this worker's leases, stop
+        """End every waiter, flush pending wake-ups, release this registry's leases, stop
         listening, and close every connection. Idempotent.
 
-        Waiters of this registry (stream subscriptions, inboxes, ``token.wait()``) raise
-        :class:`RegistryClosedError` at once, and so does every later call (a token's
-        ``is_cancelled()`` still answers from what it last saw). Bounded in time whatever the
-        server does: the last flush and the lease release each get
-        ``settings.close_timeout`` seconds, then are skipped with a warning (leases then
-        expire on their own). Cancelling the task that runs ``close()`` cancels it: the
-        registry is closed all the same, without waiting for the server, and
-        ``CancelledError`` is raised.
+        Waiters (subscriptions, inboxes, ``token.wait()``) and later calls raise
+        :class:`RegistryClosedError` at once. Bounded whatever the server does: the last
+        flush and the lease release get ``close_timeout`` seconds each. A cancelled
+        ``close()`` still closes, without waiting for the server, then raises
+        ``CancelledError``.
         """
         if self._closed:
             return
@@ -165,45 +152,10 @@ class RunRegistry(RegistryInspector):
         check_id("agent_id", agent_id)
         check_id("thread_id", thread_id)
         key = await self._key()
-        reply_lost = False
-        for attempt in range(1, _REGISTER_ATTEMPTS + 1):
-            try:
-                async with self._lane.transaction() as connection:
-                    record = await repository.register_run(
-                        connection,
-                        run_id=run_id,
-                        thread_id=thread_id,
-                        agent_id=agent_id,
-                        owner_id=self.worker_id,
-                        lease=self._parts.leases.lease,
-                        key=key,
-                    )
-            except OutcomeUnknownError:
-                if reply_lost:
-                    raise
-                reply_lost = True  # once more: a register that committed unseen is found below
-                continue
-            except Exception as exc:
-                name = constraint_name(exc)
-                if name == RUN_ID_TAKEN:
-                    existing = await self._retry_once(
-                        lambda connection: repository.active_run_by_id(connection, run_id)
-                    )
-                    if existing is None or (
-                        existing.thread_id,
-                        existing.agent_id,
-                        existing.owner_id,
-                    ) != (thread_id, agent_id, self.worker_id):
-                        raise RunAlreadyExistsError(run_id) from exc
-                    record = existing
-                elif name != ONE_ACTIVE_RUN_PER_THREAD or attempt == _REGISTER_ATTEMPTS:
-                    raise
-                else:
-                    continue
-            self._parts.leases.hold(record)
-            self._parts.leases.start()
-            return self._handle(record)
-        raise AssertionError("unreachable")  # pragma: no cover
+        record = await self._parts.leases.register(
+            self.worker_id, run_id=run_id, agent_id=agent_id, thread_id=thread_id, key=key
+        )
+        return self._handle(record)
 
     async def handle_by_thread(
         self, thread_id: str, *, agent_id: str | None = None
@@ -243,16 +195,6 @@ class RunRegistry(RegistryInspector):
         record = await self._active_run_of_thread(thread_id, agent_id)
         return None if record is None else record.run_id
 
-    async def _active_run_of_thread(self, thread_id: str, agent_id: str | None) -> RunRecord | None:
-        # the seed's ownership check: another agent's run is no run at all
-        check_id("thread_id", thread_id)
-        if agent_id is not None:
-            check_id("agent_id", agent_id)
-        record = await self._retry_once(
-            lambda connection: repository.active_run_by_thread(connection, thread_id)
-        )
-        return None if record is None or agent_id not in (None, record.agent_id) else record
-
     async def forward_decisions_by_thread(
         self,
         agent_id: str,
@@ -269,15 +211,9 @@ class RunRegistry(RegistryInspector):
         check_id("agent_id", agent_id)
         check_id("thread_id", thread_id)
         batch, results = self._check_decisions(decisions)
-        key = await self._key()
-
-        async def forward() -> repository.ForwardResult | None:
-            async with self._lane.autocommit(write=True) as connection:
-                return await repository.forward_by_thread(
-                    connection, agent_id, thread_id, batch, results, key
-                )
-
-        result = await _converging(forward)
+        result = await self._write(
+            lambda c, key: repository.forward_by_thread(c, agent_id, thread_id, batch, results, key)
+        )
         return None if result is None else ForwardedDecision(result.thread_id, result.run_id)
 
     async def forward_decisions_by_run_id(
@@ -291,28 +227,30 @@ class RunRegistry(RegistryInspector):
         """
         check_id("run_id", run_id)
         batch, results = self._check_decisions(decisions)
-        key = await self._key()
-
-        async def forward() -> repository.ForwardResult | None:
-            async with self._lane.autocommit(write=True) as connection:
-                return await repository.forward_by_run_id(connection, run_id, batch, results, key)
-
-        result = await _converging(forward)
+        result = await self._write(
+            lambda c, key: repository.forward_by_run_id(c, run_id, batch, results, key)
+        )
         return None if result is None else ForwardedDecision(result.thread_id, result.run_id)
 
     def _check_decisions(self, decisions: object) -> tuple[list[ToolCallDecision], list[str]]:
         self._check_open()
-        batch, results = check_decision_batch(
+        return check_decision_batch(
             decisions,
             limit=self.settings.max_decisions_per_forward,
             max_result_bytes=self.settings.max_result_bytes,
         )
-        # an id per decision that has none, made once per call: a retry of this very call
-        # (after a lost reply) stores nothing twice
-        return [
-            d if d.decision_id else d.model_copy(update={"decision_id": f"registry-{uuid.uuid4()}"})
-            for d in batch
-        ], results
+
+    async def _write(
+        self, statement: Callable[[DriverConnection, NotificationKey], Awaitable[_T]]
+    ) -> _T:
+        # one statement that writes and notifies, idempotent: retried once after a lost reply
+        key = await self._key()
+
+        async def once() -> _T:
+            async with self._lane.autocommit(write=True) as connection:
+                return await statement(connection, key)
+
+        return await converge(once)
 
     async def cancel_active_run_by_id(self, run_id: str) -> bool:
         """Request cancellation of the active run ``run_id``; ``False`` if it is not active.
@@ -321,13 +259,10 @@ class RunRegistry(RegistryInspector):
         re-check if the notification is lost). The run stays active until it is removed.
         """
         check_id("run_id", run_id)
-        key = await self._key()
-
-        async def cancel() -> str | None:
-            async with self._lane.autocommit(write=True) as connection:
-                return await repository.request_cancel_by_id(connection, run_id, key)
-
-        return await _converging(cancel) is not None
+        cancelled = await self._write(
+            lambda c, key: repository.request_cancel_by_id(c, run_id, key)
+        )
+        return cancelled is not None
 
     async def cancel_active_run_by_thread(
         self, thread_id: str, *, agent_id: str | None = None
@@ -340,15 +275,9 @@ class RunRegistry(RegistryInspector):
         check_id("thread_id", thread_id)
         if agent_id is not None:
             check_id("agent_id", agent_id)
-        key = await self._key()
-
-        async def cancel() -> str | None:
-            async with self._lane.autocommit(write=True) as connection:
-                return await repository.request_cancel_by_thread(
-                    connection, thread_id, agent_id, key
-                )
-
-        return await _converging(cancel)
+        return await self._write(
+            lambda c, key: repository.request_cancel_by_thread(c, thread_id, agent_id, key)
+        )
 
     # --- ownership and recovery --------------------------------------------------------------
 
@@ -363,15 +292,8 @@ class RunRegistry(RegistryInspector):
         loses it (see :class:`LeaseLostError`).
         """
         self._check_open()
-        leases = self._parts.leases
-
-        async def resume() -> list[RunRecord]:
-            async with self._lane.autocommit(write=True) as connection:
-                return await repository.resume_owned(
-                    connection, self.worker_id, leases.lease, leases.held()
-                )
-
-        return self._take(await _converging(resume))
+        records = await self._parts.leases.resume(self.worker_id)
+        return [self._handle(record) for record in records]
 
     async def adopt_orphaned_runs(self, limit: int = 100) -> list[RunHandle]:
         """Claim up to ``limit`` active runs whose owner's lease expired; return their handles.
@@ -383,17 +305,7 @@ class RunRegistry(RegistryInspector):
         """
         check_count("limit", limit, minimum=1)
         self._check_open()
-        lease = self._parts.leases.lease
-        async with self._lane.autocommit(write=True) as connection:
-            records = await repository.adopt_orphans(
-                connection, self.worker_id, lease, limit, list(self._parts.leases.held())
-            )
-        return self._take(records)
-
-    def _take(self, records: list[RunRecord]) -> list[RunHandle]:
-        for record in records:
-            self._parts.leases.hold(record)
-        self._parts.leases.start()
+        records = await self._parts.leases.adopt(self.worker_id, limit)
         return [self._handle(record) for record in records]
 
     async def sweep_cancelled_orphans(self) -> list[str]:
@@ -411,13 +323,7 @@ class RunRegistry(RegistryInspector):
     async def bind_thread_run_stream_fanout(self, run_id: str) -> bool:
         """Open the run's output stream; ``False`` when the run is not active. Idempotent."""
         check_id("run_id", run_id)
-        self._check_open()
-
-        async def bind() -> bool:
-            async with self._lane.autocommit(write=True) as connection:
-                return await repository.bind_stream(connection, run_id)
-
-        return await _converging(bind)
+        return await self._write(lambda c, _key: repository.bind_stream(c, run_id))
 
     async def subscribe_thread_run_stream(
         self, run_id: str, after_seq: int | None = None
@@ -431,31 +337,7 @@ class RunRegistry(RegistryInspector):
         """
         check_id("run_id", run_id)
         check_after_seq(after_seq)
-        # interest is registered (the watch) before the read, so nothing slips in between
-        watch = self._parts.dispatcher.watch(run_id)
-        state = await self._retry_once(
-            lambda connection: repository.stream_state(connection, run_id)
+        self._check_open()
+        return await self._parts.reader.subscribe(
+            run_id, after_seq, buffer_limit=self.settings.subscriber_buffer
         )
-        if state is None or state.stream_seq is None:
-            return None
-        watch.apply(state.status, cancel_requested=state.cancel_requested)
-        start = state.stream_seq if after_seq is None else after_seq
-        return StreamSubscription(
-            self._parts.reader.read,
-            watch,
-            after_seq=start,
-            buffer_limit=self.settings.subscriber_buffer,
-        )
-
-
-async def _converging(call: Callable[[], Awaitable[_T]]) -> _T:
-    """Run a write whose retry converges (idempotent), once more if its connection broke
-    before the reply; not after a missed deadline (a silent server would make the caller
-    wait a second deadline)."""
-    try:
-        return await call()
-    except OutcomeUnknownError as exc:
-        if isinstance(exc.__cause__, TimeoutError):
-            raise
-        logger.info("retrying a write whose outcome is unknown (%s)", exc)
-        return await call()

@@ -291,6 +291,22 @@ class SharedChunkReader:
                 del self._reads[run_id]
         return ChunkPage(chunks, full=len(chunks) >= self.batch)
 
+    async def subscribe(
+        self, run_id: str, after_seq: int | None, *, buffer_limit: int
+    ) -> StreamSubscription | None:
+        """A subscription to the run's stream (see ``RunRegistry.subscribe_thread_run_stream``),
+        or ``None`` if it has none: from now on without ``after_seq``, else after that seq."""
+        # interest is registered (the watch) before the read, so nothing slips in between
+        watch = self._dispatcher.watch(run_id)
+        state = await self._lane.retry_once(
+            lambda connection: repository.stream_state(connection, run_id)
+        )
+        if state is None or state.stream_seq is None:
+            return None
+        watch.apply(state.status, cancel_requested=state.cancel_requested)
+        start = state.stream_seq if after_seq is None else after_seq
+        return StreamSubscription(self.read, watch, after_seq=start, buffer_limit=buffer_limit)
+
     def close(self) -> None:
         """Cancel the reads in flight, so their connections go now (never blocks)."""
         for read in list(self._in_flight):

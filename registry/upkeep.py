@@ -21,13 +21,18 @@ import logging
 from datetime import timedelta
 
 from registry import repository
-from registry.connections import ConnectionLane
-from registry.errors import RegistryClosedError
+from registry.connections import ConnectionLane, converge
+from registry.database import constraint_name
+from registry.errors import OutcomeUnknownError, RegistryClosedError, RunAlreadyExistsError
 from registry.models import RunRecord, RunStatus
-from registry.notifications import Keyring
+from registry.notifications import Keyring, NotificationKey
+from registry.tables import ONE_ACTIVE_RUN_PER_THREAD, RUN_ID_TAKEN
 from registry.watch import Dispatcher, Lease, RunWatch
 
 logger = logging.getLogger(__name__)
+
+# how often register retries after losing a race on the one-active-run index
+_REGISTER_ATTEMPTS = 5
 
 
 class LeaseKeeper:
@@ -58,6 +63,81 @@ class LeaseKeeper:
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
         self._stopping = asyncio.Event()
+
+    async def register(
+        self, worker_id: str, *, run_id: str, agent_id: str, thread_id: str, key: NotificationKey
+    ) -> RunRecord:
+        """Register and hold ``run_id`` as the thread's active run, owned by ``worker_id``
+        (see ``RunRegistry.register``): retried after losing a race on the one-active-run
+        index, and once after a lost reply, where the same ids of the same worker id, active,
+        are the run this call created. Raises :class:`RunAlreadyExistsError` otherwise."""
+        reply_lost = False
+        for attempt in range(1, _REGISTER_ATTEMPTS + 1):
+            try:
+                async with self._lane.transaction() as connection:
+                    record = await repository.register_run(
+                        connection,
+                        run_id=run_id,
+                        thread_id=thread_id,
+                        agent_id=agent_id,
+                        owner_id=worker_id,
+                        lease=self.lease,
+                        key=key,
+                    )
+            except OutcomeUnknownError:
+                if reply_lost:
+                    raise
+                reply_lost = True  # once more: a register that committed unseen is found below
+                continue
+            except Exception as exc:
+                name = constraint_name(exc)
+                if name == RUN_ID_TAKEN:
+                    existing = await self._lane.retry_once(
+                        lambda connection: repository.active_run_by_id(connection, run_id)
+                    )
+                    ours = (thread_id, agent_id, worker_id)
+                    if (
+                        existing is None
+                        or (
+                            existing.thread_id,
+                            existing.agent_id,
+                            existing.owner_id,
+                        )
+                        != ours
+                    ):
+                        raise RunAlreadyExistsError(run_id) from exc
+                    record = existing
+                elif name != ONE_ACTIVE_RUN_PER_THREAD or attempt == _REGISTER_ATTEMPTS:
+                    raise
+                else:
+                    continue
+            return self._take([record])[0]
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def resume(self, worker_id: str) -> list[RunRecord]:
+        """Renew and hold the active runs of ``worker_id``, oldest first (see
+        ``RunRegistry.resume_owned_runs``); retried once after a lost reply."""
+
+        async def resume() -> list[RunRecord]:
+            async with self._lane.autocommit(write=True) as connection:
+                return await repository.resume_owned(connection, worker_id, self.lease, self.held())
+
+        return self._take(await converge(resume))
+
+    async def adopt(self, worker_id: str, limit: int) -> list[RunRecord]:
+        """Adopt and hold up to ``limit`` runs whose lease expired, never one held here (see
+        ``RunRegistry.adopt_orphaned_runs``)."""
+        async with self._lane.autocommit(write=True) as connection:
+            records = await repository.adopt_orphans(
+                connection, worker_id, self.lease, limit, list(self._held)
+            )
+        return self._take(records)
+
+    def _take(self, records: list[RunRecord]) -> list[RunRecord]:
+        for record in records:
+            self.hold(record)
+        self.start()
+        return records
 
     def held(self) -> dict[str, int]:
         """The runs this registry holds, each with the owner epoch it holds it under."""

@@ -29,15 +29,10 @@ from registry import (
     testing,
 )
 from registry.connections import ConnectionLane
-from registry.database import (
-    APPLICATION_NAME,
-    admin_connection,
-    async_url,
-    asyncpg_dsn,
-    connect_arguments,
-)
+from registry.database import admin_connection
 from registry.listener import LISTENER_APPLICATION_NAME
 from registry.schema import current_revision, head_revision, schema_status
+from registry.urls import APPLICATION_NAME, async_url, asyncpg_dsn, connect_arguments
 from tests.helpers.database import fetch
 
 #: longer than any test: the safety net must not be what wakes a waiter

@@ -21,6 +21,7 @@ LAYERS = {
     "models": 1,
     "settings": 2,
     "tables": 2,
+    "urls": 2,
     "database": 3,
     "embedded": 3,
     "repository": 4,
