@@ -44,8 +44,10 @@ class RunRegistry(RegistryInspector):
     Open with ``await RunRegistry.connect(url)`` (or ``async with await ...connect(url)``).
     Every method is one transaction: it happened entirely or not at all. Method names and
     return values follow the in-memory registry this one makes durable. Every method raises
-    :class:`DatabaseUnavailableError` when the server cannot be reached, and
-    :class:`RegistryClosedError` after :meth:`close`.
+    :class:`DatabaseUnavailableError` when the server cannot be reached within
+    ``call_timeout`` (:class:`OutcomeUnknownError` for a write whose reply was lost: see each
+    method), :class:`DatabaseError` for what the server refused, and
+    :class:`RegistryClosedError` after :meth:`close`; nothing else.
     """
 
     def __init__(
