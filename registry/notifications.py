@@ -28,7 +28,6 @@ import asyncio
 import base64
 import binascii
 import enum
-import hashlib
 import hmac
 import json
 import os
@@ -106,12 +105,12 @@ class NotificationKey:
 
     def sign(self, text: str) -> str:
         """The payload for JSON ``text``: its MAC in hex, then the text."""
-        return hmac.new(self._mac_key, text.encode(), hashlib.sha256).hexdigest() + text
+        return hmac.digest(self._mac_key, text.encode(), "sha256").hex() + text
 
     def verify(self, payload: str) -> str | None:
         """The JSON text of a payload whose MAC verifies, else ``None``."""
         mac, text = payload[:MAC_LENGTH], payload[MAC_LENGTH:]
-        expected = hmac.new(self._mac_key, text.encode(), hashlib.sha256).hexdigest()
+        expected = hmac.digest(self._mac_key, text.encode(), "sha256").hex()
         # as bytes: a forged MAC may hold characters compare_digest refuses in a str
         return text if hmac.compare_digest(mac.encode(), expected.encode()) else None
 

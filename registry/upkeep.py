@@ -185,6 +185,7 @@ class LeaseKeeper:
         lease.lost.set()
         watch = self._dispatcher.get(lease.run_id)
         if watch is not None:
+            watch.wake_token_waiters()
             watch.wake_inboxes()
 
     def start(self) -> None:

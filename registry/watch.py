@@ -54,19 +54,6 @@ def _consume(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-async def _either(first: asyncio.Event, second: asyncio.Event | None) -> None:
-    """Return once ``first`` or ``second`` (when given) is set."""
-    if second is None:
-        await first.wait()
-        return
-    waits = {asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())}
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for wait in waits:
-            wait.cancel()
-
-
 class Closing:
     """Whether the registry has closed, shared by its watches; waiters race their I/O with it.
 
@@ -158,6 +145,7 @@ class RunWatch:
         "inboxes",
         "run_id",
         "streams",
+        "token_waiters",
     )
 
     def __init__(self, run_id: str, closing: Closing | None = None) -> None:
@@ -167,6 +155,9 @@ class RunWatch:
         self.ended = asyncio.Event()
         self.inboxes: weakref.WeakSet[Waiter] = weakref.WeakSet()
         self.streams: weakref.WeakSet[StreamWaiter] = weakref.WeakSet()
+        #: futures of parked ``token.wait()`` calls, resolved by a cancel, a lost lease or the
+        #: registry's close (one wake-up, no task per waiter)
+        self.token_waiters: list[asyncio.Future[None]] = []
         #: counts the wake-ups about new chunks; a table read started at generation g has
         #: seen every chunk announced up to g (the announcement follows the commit)
         self.chunk_generation = 0
@@ -183,27 +174,38 @@ class RunWatch:
         already closed); a cancel already seen still returns.
         """
 
-        def tripped() -> bool:
-            return self.cancelled.is_set() or (lost is not None and lost.is_set())
+        while not (self.cancelled.is_set() or (lost is not None and lost.is_set())):
+            self.closing.check()
+            waiter = asyncio.get_running_loop().create_future()
+            self.token_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self.token_waiters:
+                    self.token_waiters.remove(waiter)
 
-        if tripped():
-            return
-        try:
-            await self.closing.race(_either(self.cancelled, lost))
-        except RegistryClosedError:
-            if not tripped():
-                raise
+    def wake_token_waiters(self) -> None:
+        """Parked ``token.wait()`` calls look again: a cancel, a lost lease, the close."""
+        waiters, self.token_waiters = self.token_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _cancel(self) -> None:
+        self.cancelled.set()
+        self.wake_token_waiters()
 
     def close(self) -> None:
         """The registry closed: wake every waiter of the run so that it sees it and stops."""
         self.closing.close()
+        self.wake_token_waiters()
         self.wake_inboxes()
         self.wake_streams()
 
     def apply(self, status: RunStatus, *, cancel_requested: bool) -> None:
         """Take in the run's row: trip on cancel or supersede, end when not active."""
         if is_cancelled(status, cancel_requested=cancel_requested):
-            self.cancelled.set()
+            self._cancel()
         if status is not RunStatus.ACTIVE:
             self.end()
 
@@ -212,9 +214,9 @@ class RunWatch:
         if kind is NotificationKind.DECISION:
             self.wake_inboxes()
         elif kind is NotificationKind.CANCEL:
-            self.cancelled.set()
+            self._cancel()
         elif kind is NotificationKind.SUPERSEDED:
-            self.cancelled.set()
+            self._cancel()
             self.end()
         elif kind is NotificationKind.ENDED:
             self.end()
