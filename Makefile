@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install test lint bench demo clean
+.PHONY: install test lint bench demo clean mutate
 
 install: $(STAMP)
 
@@ -23,8 +23,14 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# each script makes (and drops) its own database: on $REGISTRY_DATABASE_URL if set, else on an
+# embedded PostgreSQL; Redis baselines are skipped when none answers at $BENCH_REDIS_URL
 bench: install
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	$(BIN)/python bench/core.py
+	$(BIN)/python bench/streams.py
+	$(BIN)/python bench/fleet.py
+	$(BIN)/python bench/decisions.py
 
 # the embedded PostgreSQL unless REGISTRY_DATABASE_URL names a server; `registry db stop` stops it
 demo: install
@@ -32,3 +38,25 @@ demo: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Mutation testing, a tool and not a gate (README, "Contributing: mutation testing"): mutmut
+# mutates registry/$(MODULE).py in a copy under $(MUTATE_DIR) and runs the tests that cover
+# each mutant ([tool.mutmut] in pyproject.toml; MUTATE_TESTS replaces its test selection).
+MODULE ?= upkeep
+MUTATE_TESTS ?=
+MUTATE_DIR ?= $(VENV)/mutate
+
+mutate: install
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,mutation]'
+	rm -rf $(MUTATE_DIR)
+	mkdir -p $(MUTATE_DIR)
+	cp -R registry tests migrations alembic.ini pyproject.toml $(MUTATE_DIR)/
+ifneq ($(strip $(MUTATE_TESTS)),)
+	$(BIN)/python -c 'import re, sys; path, tests = sys.argv[1], sys.argv[2:]; \
+		text = open(path).read(); line = "pytest_add_cli_args_test_selection = " + repr(tests); \
+		open(path, "w").write(re.sub("(?m)^pytest_add_cli_args_test_selection = .*$$", line, text))' \
+		$(MUTATE_DIR)/pyproject.toml $(MUTATE_TESTS)
+endif
+	cd $(MUTATE_DIR) && $(abspath $(BIN))/mutmut run "registry.$(MODULE).*"
+	@echo "not killed in registry/$(MODULE).py (see one with: cd $(MUTATE_DIR) && $(abspath $(BIN))/mutmut show NAME):"
+	@cd $(MUTATE_DIR) && $(abspath $(BIN))/mutmut results | grep -F "registry.$(MODULE)." | grep -v "not checked" || true

@@ -338,11 +338,13 @@ async def test_a_client_killed_mid_forward_leaves_each_batch_whole_or_absent(
 RUNS = 100
 LEASE_SECONDS = 1.0
 HEARTBEAT_INTERVAL = 0.2
-#: generous: adoption should take about one lease period after the kill
+#: the owner's lease expires at most one lease after the kill; the adopters poll every 20 ms
+ADOPTED_WITHIN = 2 * LEASE_SECONDS
+#: how long to wait for every adoption before reporting what is missing (a hang guard)
 ADOPTION_DEADLINE = LEASE_SECONDS + 5.0
 
 
-async def test_runs_of_a_killed_owner_are_each_adopted_once_within_a_lease(
+async def test_runs_of_a_killed_owner_are_each_adopted_once_within_two_leases_of_the_kill(
     registry_database_url: str, tmp_path: Path
 ) -> None:
     url = registry_database_url
@@ -425,7 +427,9 @@ async def test_runs_of_a_killed_owner_are_each_adopted_once_within_a_lease(
     owners = {run_id: name for name, runs in got.items() for run_id in runs}
     assert {row["run_id"]: row["owner_id"] for row in rows} == owners
     assert {row["status"] for row in rows} == {"active"}
-    assert adopted_in < ADOPTION_DEADLINE
+    assert adopted_in < ADOPTED_WITHIN, (
+        f"the last run was adopted {adopted_in:.2f}s after the kill (lease {LEASE_SECONDS}s)"
+    )
 
 
 # --- 4. fifty processes register on one thread at the same moment ----------------------------

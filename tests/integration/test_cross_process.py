@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 import pytest
@@ -80,13 +79,11 @@ async def test_cancel_here_trips_the_token_in_another_process(
     async with workers(registry_database_url) as pool:
         watcher = await pool.start_ready("watch-cancel", "run-1", options=worker_options())
 
-        started = time.monotonic()
         assert await run_registry.cancel_active_run_by_id("run-1")
+        # the watcher's safety re-check is a minute away: only the notification is this quick
         await watcher.expect("cancelled", timeout=WAKE_DEADLINE)
-        latency = time.monotonic() - started
 
         assert await watcher.exit_code() == 0
-    assert latency < WAKE_DEADLINE
 
 
 async def test_cancel_in_another_process_trips_the_token_here(
