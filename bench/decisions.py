@@ -85,6 +85,7 @@ from fleet import (
     Row,
     ServerProcesses,
     Window,
+    child_groups,
     cpu_over,
     duration_text,
     percentile,
@@ -454,7 +455,6 @@ async def processes(
     plan: Plan, variant: str, tag: str, url: str, results: Path
 ) -> AsyncIterator[tuple[list[FleetChild], list[FleetChild]]]:
     """The consumers, then (once their runs exist) the producers; killed on any failure."""
-    started: list[FleetChild] = []
 
     def start(mode: str, index: int) -> Awaitable[FleetChild]:
         arguments = [
@@ -484,27 +484,11 @@ async def processes(
         arguments += ["--per-call", str(plan.per_call)]
         return FleetChild.start(__file__, arguments, {"REGISTRY_DATABASE_URL": url})
 
-    async def start_all(mode: str, count: int) -> list[FleetChild]:
-        outcomes = await asyncio.gather(
-            *(start(mode, index) for index in range(count)), return_exceptions=True
-        )
-        children = [outcome for outcome in outcomes if isinstance(outcome, FleetChild)]
-        started.extend(children)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return children
-
-    try:
-        consumers = await start_all("consumer", plan.consumers)
-        producers = await start_all("producer", plan.producers)
+    async with child_groups(
+        start, [("consumer", plan.consumers), ("producer", plan.producers)]
+    ) as groups:
+        consumers, producers = groups
         yield consumers, producers
-    except BaseException:
-        for child in started:
-            await child.kill()
-        raise
-    for child in started:
-        await child.close()
 
 
 @dataclass

@@ -1101,11 +1101,38 @@ class Plan:
 
 
 @contextlib.asynccontextmanager
+async def child_groups(
+    start: Callable[[str, int], Awaitable[FleetChild]], groups: Sequence[tuple[str, int]]
+) -> AsyncIterator[list[list[FleetChild]]]:
+    """Start each group of child processes in turn (``mode``, ``count``), each group's
+    children at once; all of them are killed on any failure and closed at the end."""
+    started: list[FleetChild] = []
+    children: list[list[FleetChild]] = []
+    try:
+        for mode, count in groups:
+            outcomes = await asyncio.gather(
+                *(start(mode, index) for index in range(count)), return_exceptions=True
+            )
+            group = [outcome for outcome in outcomes if isinstance(outcome, FleetChild)]
+            started.extend(group)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            children.append(group)
+        yield children
+    except BaseException:
+        for child in started:
+            await child.kill()
+        raise
+    for child in started:
+        await child.close()
+
+
+@contextlib.asynccontextmanager
 async def fleet(
     plan: Plan, variant: str, tag: str, url: str, redis_url: str, results: Path
 ) -> AsyncIterator[tuple[list[FleetChild], list[FleetChild]]]:
     """The workers, then (once their runs exist) the subscribers; killed on any failure."""
-    started: list[FleetChild] = []
 
     def start(mode: str, index: int) -> Awaitable[FleetChild]:
         profile = None
@@ -1141,27 +1168,11 @@ async def fleet(
             __file__, arguments, {"REGISTRY_DATABASE_URL": url, "BENCH_REDIS_URL": redis_url}
         )
 
-    async def start_all(mode: str, count: int) -> list[FleetChild]:
-        outcomes = await asyncio.gather(
-            *(start(mode, index) for index in range(count)), return_exceptions=True
-        )
-        children = [outcome for outcome in outcomes if isinstance(outcome, FleetChild)]
-        started.extend(children)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return children
-
-    try:
-        workers = await start_all("worker", plan.workers)
-        subscribers = await start_all("subscriber", plan.subscribers)
+    async with child_groups(
+        start, [("worker", plan.workers), ("subscriber", plan.subscribers)]
+    ) as groups:
+        workers, subscribers = groups
         yield workers, subscribers
-    except BaseException:
-        for child in started:
-            await child.kill()
-        raise
-    for child in started:
-        await child.close()
 
 
 def read_results(path: Path) -> tuple[dict[str, Any], array[int]]:

@@ -24,11 +24,10 @@ from types import TracebackType
 from typing import Self
 
 from registry import repository
-from registry.connections import ConnectionLane
+from registry.connections import ConnectionLane, converge
 from registry.database import DriverConnection
 from registry.errors import (
     LeaseLostError,
-    OutcomeUnknownError,
     RegistryClosedError,
     StreamClosedError,
     StreamConflictError,
@@ -104,12 +103,8 @@ class ChunkPublisher:
             return []
         if after_seq is None:
             return await self._append(run_id, chunks, epoch, None)
-        try:
-            return await self._append(run_id, chunks, epoch, after_seq)
-        except OutcomeUnknownError as exc:
-            if isinstance(exc.__cause__, TimeoutError):
-                raise  # a silent server: no second wait
-            return await self._append(run_id, chunks, epoch, after_seq)
+        # with an expected position the append is idempotent: once more after a lost reply
+        return await converge(lambda: self._append(run_id, chunks, epoch, after_seq))
 
     async def _append(
         self, run_id: str, chunks: Sequence[bytes], epoch: int | None, after_seq: int | None
