@@ -19,8 +19,9 @@ from registry.inbox import DecisionInbox, DecisionQueue
 from registry.listener import LISTENER_APPLICATION_NAME, Listener
 from registry.models import RunRecord, check_chunks, check_count
 from registry.notifications import Keyring
+from registry.publisher import ChunkPublisher
 from registry.settings import RegistrySettings
-from registry.streams import ChunkPublisher, SharedChunkReader
+from registry.streams import SharedChunkReader
 from registry.upkeep import LeaseKeeper, SafetyNet
 from registry.watch import Dispatcher, Lease, RunWatch
 
@@ -73,6 +74,8 @@ class RunParts:
             self.keyring,
             window=settings.stream_notify_window,
             inline_limit=settings.inline_chunk_bytes,
+            # half the lane: group commit gathers the rest while these are out
+            concurrency=max(1, settings.pool_size // 2),
         )
         self.reader = SharedChunkReader(
             lane,

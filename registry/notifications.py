@@ -7,6 +7,11 @@ digits of HMAC-SHA256 over the JSON text, then the JSON text::
 
     {"kind": "decision" | "cancel" | "superseded" | "ended", "id": <run_id>}
     {"kind": "chunk", "id": <run_id>, "seq": <newest seq>, "data": <sealed> | null}
+    {"kind": "chunks", "runs": [[<run_id>, <newest seq>], ...]}
+
+The last is the wake-up of a batch: one commit that appended to many runs' streams sends one
+payload (or a few, each under PostgreSQL's 8000-byte limit) rather than one per run, because
+every committing transaction that notifies takes one database-wide lock.
 
 Anyone who may connect to the database may NOTIFY on any channel and LISTEN to it (PostgreSQL
 grants no privilege over either), so a payload is trusted only when its MAC verifies under
@@ -31,7 +36,7 @@ import enum
 import hmac
 import json
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -58,6 +63,7 @@ class NotificationKind(enum.StrEnum):
     SUPERSEDED = "superseded"
     ENDED = "ended"
     CHUNK = "chunk"
+    CHUNKS = "chunks"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +84,39 @@ class ChunkPublished:
     data: bytes | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ChunksPublished:
+    """Each run in ``runs`` (run id, newest seq) has chunks up to that seq (read the table)."""
+
+    runs: tuple[tuple[str, int], ...]
+
+
 #: A parsed payload.
-Notification = RunChanged | ChunkPublished
+Notification = RunChanged | ChunkPublished | ChunksPublished
+
+#: Bytes of a ``chunks`` payload's JSON text, at most: under NOTIFY's 8000-byte limit with
+#: room for the MAC (64) and the envelope.
+MAX_BATCH_PAYLOAD_BYTES = 7800
+#: What one ``[run_id, seq]`` entry costs beyond its run id's JSON: brackets, PostgreSQL's
+#: ", " separators, a seq of up to 19 digits, with room to spare.
+_ENTRY_OVERHEAD = 32
+
+
+def payload_groups(run_ids: Sequence[str]) -> list[int]:
+    """For a batch of runs to announce in ``chunks`` payloads: the payload number (0, 1, ...)
+    of each run, in order, so that each payload stays under :data:`MAX_BATCH_PAYLOAD_BYTES`
+    whatever its run ids hold (up to 255 characters each, escapes included)."""
+    groups: list[int] = []
+    group = 0
+    used = 0
+    for run_id in run_ids:
+        cost = len(json.dumps(run_id, ensure_ascii=False).encode()) + _ENTRY_OVERHEAD
+        if used and used + cost > MAX_BATCH_PAYLOAD_BYTES:
+            group += 1
+            used = 0
+        used += cost
+        groups.append(group)
+    return groups
 
 
 class NotificationKey:
@@ -159,17 +196,23 @@ class Keyring:
 
 def encode(notification: Notification, key: NotificationKey) -> str:
     """The signed payload of ``notification`` (compact; :func:`parse` reads it back)."""
-    if isinstance(notification, ChunkPublished):
+    fields: dict[str, object]
+    if isinstance(notification, ChunksPublished):
+        fields = {
+            "kind": NotificationKind.CHUNKS.value,
+            "runs": [[run_id, seq] for run_id, seq in notification.runs],
+        }
+    elif isinstance(notification, ChunkPublished):
         data = notification.data
-        fields: dict[str, object] = {
+        fields = {
             "kind": NotificationKind.CHUNK.value,
             "id": notification.run_id,
             "seq": notification.seq,
             "data": None if data is None else key.seal(notification.run_id, data),
         }
     else:
-        if notification.kind is NotificationKind.CHUNK:
-            raise ValueError("a chunk notification is a ChunkPublished")
+        if notification.kind in (NotificationKind.CHUNK, NotificationKind.CHUNKS):
+            raise ValueError("a chunk notification is a ChunkPublished or ChunksPublished")
         fields = {"kind": notification.kind.value, "id": notification.run_id}
     return key.sign(json.dumps(fields, separators=(",", ":"), ensure_ascii=False))
 
@@ -184,6 +227,8 @@ def parse(payload: str, key: NotificationKey) -> Notification | None:
     try:
         fields = json.loads(text)
         kind = NotificationKind(fields["kind"])
+        if kind is NotificationKind.CHUNKS:
+            return _chunks_published(fields["runs"])
         run_id = fields["id"]
         if not isinstance(run_id, str):
             return None
@@ -198,3 +243,17 @@ def parse(payload: str, key: NotificationKey) -> Notification | None:
         return ChunkPublished(run_id, seq, None if data is None else key.unseal(run_id, data))
     except (ValueError, KeyError, TypeError, binascii.Error):
         return None
+
+
+def _chunks_published(entries: object) -> ChunksPublished | None:
+    if not isinstance(entries, list):
+        return None
+    runs: list[tuple[str, int]] = []
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == 2):
+            return None
+        run_id, seq = entry
+        if not isinstance(run_id, str) or not isinstance(seq, int) or isinstance(seq, bool):
+            return None
+        runs.append((run_id, seq))
+    return ChunksPublished(tuple(runs))

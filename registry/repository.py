@@ -292,9 +292,20 @@ async def request_cancel_by_thread(
 
 # --- ownership and recovery -------------------------------------------------------------------
 
-_RENEW_LEASES = """
+# Statements that lock several runs' rows lock them in run id order (a batch of appends does
+# too), so two of them never deadlock; NO KEY UPDATE is what the UPDATE takes anyway.
+_LOCK_HELD = """
+    locked AS MATERIALIZED (
+        SELECT run_id FROM runs WHERE run_id = ANY($1::text[]) AND status = 'active'
+         ORDER BY run_id
+           FOR NO KEY UPDATE
+    )
+"""
+
+_RENEW_LEASES = f"""
+    WITH {_LOCK_HELD}
     UPDATE runs SET lease_expires_at = now() + $3::interval
-      FROM unnest($1::text[], $2::bigint[]) AS held(run_id, epoch)
+      FROM unnest($1::text[], $2::bigint[]) AS held(run_id, epoch) JOIN locked USING (run_id)
      WHERE runs.run_id = held.run_id AND runs.owner_epoch = held.epoch
        AND runs.status = 'active'
     RETURNING runs.run_id
@@ -324,9 +335,10 @@ async def held_run_states(
     return {row["run_id"]: (RunStatus(row["status"]), row["owner_epoch"]) for row in rows}
 
 
-_RELEASE_LEASES = """
+_RELEASE_LEASES = f"""
+    WITH {_LOCK_HELD}
     UPDATE runs SET lease_expires_at = now()
-      FROM unnest($1::text[], $2::bigint[]) AS held(run_id, epoch)
+      FROM unnest($1::text[], $2::bigint[]) AS held(run_id, epoch) JOIN locked USING (run_id)
      WHERE runs.run_id = held.run_id AND runs.owner_epoch = held.epoch
        AND runs.status = 'active'
 """
@@ -350,7 +362,8 @@ _RESUME_OWNED = f"""
      WHERE run_id IN (
             -- FOR UPDATE: it waits for claims and acks in flight under the old epoch (they
             -- lock the row FOR KEY SHARE, which a plain UPDATE would not wait for)
-            SELECT run_id FROM runs WHERE owner_id = $1 AND status = 'active' FOR UPDATE
+            SELECT run_id FROM runs WHERE owner_id = $1 AND status = 'active'
+             ORDER BY run_id FOR UPDATE
            )
     RETURNING {_RUN_COLUMNS}
 """
@@ -837,6 +850,94 @@ async def append_chunks(
         after_seq,
     )
     return None if last_seq is None else int(last_seq)
+
+
+# Many runs' appends in one statement: one commit, so one turn of the notification lock.
+_APPEND_CHUNK_BATCH = f"""
+    WITH request AS (
+        SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int[])
+               WITH ORDINALITY AS request(run_id, size, epoch, after_seq, payload, ord)
+    ), {_LOCK_HELD}, allocated AS (
+        UPDATE runs SET stream_seq = runs.stream_seq + request.size
+          FROM request JOIN locked USING (run_id)
+         WHERE runs.run_id = request.run_id AND runs.status = 'active'
+           AND runs.stream_seq IS NOT NULL
+           AND (request.epoch IS NULL OR runs.owner_epoch = request.epoch)
+           AND (request.after_seq IS NULL OR runs.stream_seq = request.after_seq)
+        RETURNING request.ord, runs.run_id, runs.stream_seq AS last_seq, request.size,
+                  request.payload
+    ), inserted AS (
+        INSERT INTO stream_chunks (run_id, seq, data)
+        SELECT allocated.run_id, allocated.last_seq - allocated.size + chunk.position, chunk.data
+          FROM allocated
+          JOIN unnest($6::bigint[], $7::bigint[], $8::bytea[]) AS chunk(ord, position, data)
+            ON chunk.ord = allocated.ord
+        RETURNING seq
+    ), payload AS (
+        SELECT json_build_object(
+                   'kind', $10::text,
+                   'runs', json_agg(json_build_array(run_id, last_seq) ORDER BY ord)
+               )::text AS body
+          FROM allocated
+         WHERE payload IS NOT NULL
+         GROUP BY payload
+    ), notified AS (
+        SELECT pg_notify($9, {_signed("body", 11, 12)}) FROM payload
+    )
+    SELECT ord, last_seq, (SELECT count(*) FROM inserted) AS inserted,
+           (SELECT count(*) FROM notified) AS notified
+      FROM allocated
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkAppend:
+    """One run's part of :func:`append_chunk_batch`: ``chunks`` to append to ``run_id``, only
+    under owner ``epoch`` and right after ``after_seq`` when given; ``payload``: the number of
+    the ``chunks`` notification that announces it (see
+    :func:`~registry.notifications.payload_groups`), ``None`` for no wake-up."""
+
+    run_id: str
+    chunks: Sequence[bytes]
+    epoch: int | None
+    after_seq: int | None
+    payload: int | None
+
+
+async def append_chunk_batch(
+    connection: DriverConnection, appends: Sequence[ChunkAppend], key: NotificationKey
+) -> list[int | None]:
+    """Append to several runs' open streams in one statement (each run at most once); return
+    each append's last seq, in order, ``None`` where :func:`append_chunks` would have refused
+    (tell why with :func:`stream_state`). The runs announced in the same ``payload`` share one
+    ``chunks`` wake-up signed with ``key``, sent at commit."""
+    ords: list[int] = []
+    positions: list[int] = []
+    data: list[bytes] = []
+    for ord_, append in enumerate(appends, start=1):
+        for position, chunk in enumerate(append.chunks, start=1):
+            ords.append(ord_)
+            positions.append(position)
+            data.append(chunk)
+    rows = await connection.fetch(
+        _APPEND_CHUNK_BATCH,
+        [append.run_id for append in appends],
+        [len(append.chunks) for append in appends],
+        [append.epoch for append in appends],
+        [append.after_seq for append in appends],
+        [append.payload for append in appends],
+        ords,
+        positions,
+        data,
+        CHANNEL,
+        NotificationKind.CHUNKS.value,
+        key.inner_pad,
+        key.outer_pad,
+    )
+    last_seqs: list[int | None] = [None] * len(appends)
+    for row in rows:
+        last_seqs[row["ord"] - 1] = int(row["last_seq"])
+    return last_seqs
 
 
 _OWNER_EPOCH_OF = "SELECT owner_epoch FROM runs WHERE run_id = $1 AND status = 'active'"

@@ -1,9 +1,7 @@
-"""A run's output stream: publishing chunks, reading them back, and subscriptions.
+"""A run's output stream read back: shared reads and subscriptions (``publisher`` writes it).
 
-:class:`ChunkPublisher` appends chunks (seq allocated under the run's row lock) and sends at
-most one notification per run per window from this process; :class:`SharedChunkReader` reads a
-run's stored chunks, sharing one query among the process's subscribers of the run;
-:class:`StreamSubscription` is what a consumer iterates.
+:class:`SharedChunkReader` reads a run's stored chunks, sharing one query among the process's
+subscribers of the run; :class:`StreamSubscription` is what a consumer iterates.
 
 Chunks are rows (``stream_chunks``), so the table is the truth: a subscriber yields chunk
 ``seq`` only after chunk ``seq - 1``. Small chunks may arrive inline in their notification and
@@ -18,28 +16,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
 from registry import repository
-from registry.connections import ConnectionLane, converge
-from registry.database import DriverConnection
+from registry.connections import ConnectionLane
 from registry.errors import (
-    LeaseLostError,
     RegistryClosedError,
-    StreamClosedError,
-    StreamConflictError,
 )
-from registry.models import RunStatus, StreamChunk
-from registry.notifications import ChunkPublished, Keyring, encode
+from registry.models import StreamChunk
 from registry.watch import Dispatcher, RunWatch
 
 logger = logging.getLogger(__name__)
-
-#: runs whose last chunk notification time the publisher keeps before it forgets quiet ones
-_NOTIFIED_LIMIT = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,156 +45,6 @@ class ChunkPage:
 ChunkReader = Callable[[str, int], Awaitable[ChunkPage]]
 
 
-class ChunkPublisher:
-    """Appends chunks to runs' streams and sends their wake-ups, coalesced per run.
-
-    A NOTIFY takes a database-wide lock at commit, so one per chunk would cap everyone's
-    throughput: the first publish of a run in a ``window`` (seconds) notifies in its own
-    statement (inline when it is one chunk of at most ``inline_limit`` bytes); later ones in the
-    window leave a wake-up pending, which a background flush sends when the window closes.
-    A returned publish is committed; only its wake-up may be a window late.
-    """
-
-    def __init__(
-        self, lane: ConnectionLane, keyring: Keyring, *, window: float, inline_limit: int
-    ) -> None:
-        self._lane = lane
-        self._keyring = keyring
-        self._window = window
-        self._inline_limit = inline_limit
-        self._notified_at: dict[str, float] = {}
-        self._forget_at = _NOTIFIED_LIMIT
-        self._pending: dict[str, int] = {}
-        self._flusher: asyncio.Task[None] | None = None
-        self._closed = False
-
-    async def publish(
-        self,
-        run_id: str,
-        chunks: Sequence[bytes],
-        *,
-        epoch: int | None = None,
-        after_seq: int | None = None,
-    ) -> list[int]:
-        """Append ``chunks`` (validated) in one transaction and return their sequence numbers.
-
-        With ``epoch``, only while the run is held under that owner epoch. With ``after_seq``,
-        only right after that seq: when the chunks after it already are these (a retry whose
-        first attempt was stored), their seqs are returned and nothing is written, and a lost
-        reply is retried here once. Raises :class:`StreamClosedError` if the stream is not
-        bound or the run has ended, :class:`LeaseLostError` if the run's owner epoch moved on,
-        :class:`StreamConflictError` if the stream is past ``after_seq`` with other chunks
-        (nothing written in each case), :class:`OutcomeUnknownError` without ``after_seq``
-        when the reply was lost, and :class:`RegistryClosedError` once the registry is closing.
-        """
-        if self._closed:
-            raise RegistryClosedError()
-        if not chunks:
-            return []
-        if after_seq is None:
-            return await self._append(run_id, chunks, epoch, None)
-        # with an expected position the append is idempotent: once more after a lost reply
-        return await converge(lambda: self._append(run_id, chunks, epoch, after_seq))
-
-    async def _append(
-        self, run_id: str, chunks: Sequence[bytes], epoch: int | None, after_seq: int | None
-    ) -> list[int]:
-        key = await self._keyring.get()
-        now = asyncio.get_running_loop().time()
-        last = self._notified_at.get(run_id)
-        notify = last is None or now - last >= self._window
-        inline = None
-        if notify and len(chunks) == 1 and len(chunks[0]) <= self._inline_limit:
-            inline = key.seal(run_id, chunks[0])
-        async with self._lane.autocommit(write=True) as connection:
-            last_seq = await repository.append_chunks(
-                connection,
-                run_id,
-                chunks,
-                notify=notify,
-                inline=inline,
-                key=key,
-                epoch=epoch,
-                after_seq=after_seq,
-            )
-            if last_seq is None:
-                return await _refused(connection, run_id, chunks, epoch, after_seq)
-        if notify:
-            if len(self._notified_at) >= self._forget_at:
-                self._forget_quiet_runs(now)
-            self._notified_at[run_id] = now
-        else:
-            self._pending[run_id] = max(last_seq, self._pending.get(run_id, 0))
-            # a publish that was in flight when close() began: its subscribers elsewhere
-            # catch up at their safety re-check, as after a lost notification
-            if not self._closed and (self._flusher is None or self._flusher.done()):
-                self._flusher = asyncio.create_task(self._flush(), name="registry-chunk-notify")
-        first = last_seq - len(chunks) + 1
-        return list(range(first, last_seq + 1))
-
-    def _forget_quiet_runs(self, now: float) -> None:
-        # bounded by the runs publishing now: a run quiet for a window needs no entry
-        cutoff = now - self._window
-        self._notified_at = {run: at for run, at in self._notified_at.items() if at > cutoff}
-        # amortised: the next sweep waits until the table has doubled again
-        self._forget_at = max(_NOTIFIED_LIMIT, 2 * len(self._notified_at))
-
-    async def stop(self, grace: float) -> None:
-        """Refuse new publishes and send the pending wake-ups rather than drop them
-        (subscribers elsewhere wait on them), giving up after ``grace`` seconds."""
-        self._closed = True
-        flusher = self._flusher
-        if flusher is None or flusher.done():
-            return
-        # asyncio.wait, not awaiting the task: a cancel aimed at our caller must reach it
-        await asyncio.wait({flusher}, timeout=grace)
-        if not flusher.done():
-            flusher.cancel()
-            logger.warning(
-                "close: skipped the last chunk wake-ups of %d runs (no answer within %gs); "
-                "their subscribers catch up at their safety re-check",
-                len(self._pending),
-                grace,
-            )
-
-    def abort(self) -> None:
-        """Refuse new publishes and drop the pending wake-ups now (never blocks)."""
-        self._closed = True
-        if self._flusher is not None:
-            self._flusher.cancel()
-
-    async def _flush(self) -> None:
-        # one NOTIFY per run per window: later publishes in the window ride on this one, sent
-        # as soon as the earliest pending run's window closes
-        loop = asyncio.get_running_loop()
-        while self._pending:
-            opened = min(self._notified_at.get(run_id, 0.0) for run_id in self._pending)
-            await asyncio.sleep(max(0.0, opened + self._window - loop.time()))
-            now = loop.time()
-            due = {
-                run_id: seq
-                for run_id, seq in self._pending.items()
-                if now - self._notified_at.get(run_id, 0.0) >= self._window
-            }
-            for run_id in due:
-                del self._pending[run_id]
-                self._notified_at[run_id] = now
-            try:
-                key = await self._keyring.get()  # loaded by the publish that got us here
-                payloads = [encode(ChunkPublished(run_id, seq), key) for run_id, seq in due.items()]
-                async with self._lane.autocommit() as connection:
-                    await repository.notify(connection, payloads)
-            except RegistryClosedError:
-                return  # closed under us (a cancelled close): nothing to report
-            except Exception:
-                # subscribers still catch up at their safety re-check; the rows are there
-                logger.warning("coalesced chunk notification failed", exc_info=True)
-        horizon = loop.time() - self._window
-        for run_id, at in list(self._notified_at.items()):
-            if at < horizon:
-                del self._notified_at[run_id]
-
-
 @dataclass(frozen=True, slots=True)
 class _SharedRead:
     """A table read of one run's chunks in flight, that other subscribers may wait on."""
@@ -212,27 +52,6 @@ class _SharedRead:
     after: int
     generation: int
     result: asyncio.Future[list[StreamChunk]]
-
-
-async def _refused(
-    connection: DriverConnection,
-    run_id: str,
-    chunks: Sequence[bytes],
-    epoch: int | None,
-    after_seq: int | None,
-) -> list[int]:
-    """Why an append wrote nothing, raised; or the seqs of ``chunks`` when they already follow
-    ``after_seq`` (a retry of a publish that was stored)."""
-    state = await repository.stream_state(connection, run_id)
-    if state is None or state.status is not RunStatus.ACTIVE or state.stream_seq is None:
-        raise StreamClosedError(run_id)
-    if epoch is not None and state.owner_epoch != epoch:
-        raise LeaseLostError(run_id)
-    assert after_seq is not None  # an open stream of the run we hold refuses only then
-    stored = await repository.read_chunks(connection, run_id, after=after_seq, limit=len(chunks))
-    if [chunk.data for chunk in stored] == list(chunks):
-        return [chunk.seq for chunk in stored]
-    raise StreamConflictError(run_id, after_seq, state.stream_seq)
 
 
 class SharedChunkReader:

@@ -19,7 +19,12 @@ from typing import Any, Protocol, TypeVar
 
 from registry.errors import RegistryClosedError
 from registry.models import RunStatus, is_cancelled
-from registry.notifications import ChunkPublished, Notification, NotificationKind
+from registry.notifications import (
+    ChunkPublished,
+    ChunksPublished,
+    Notification,
+    NotificationKind,
+)
 
 _T = TypeVar("_T")
 
@@ -292,6 +297,12 @@ class Dispatcher:
             chunk_watch = self._watches.get(notification.run_id)
             if chunk_watch is not None:
                 chunk_watch.offer_chunk(notification.seq, notification.data)
+            return
+        if isinstance(notification, ChunksPublished):
+            for run_id, seq in notification.runs:
+                chunk_watch = self._watches.get(run_id)
+                if chunk_watch is not None:
+                    chunk_watch.offer_chunk(seq, None)
             return
         if notification.kind in _REMEMBERED:
             # every kind seen is kept: a cancel followed by an end must still trip the token

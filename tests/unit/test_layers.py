@@ -32,6 +32,7 @@ LAYERS = {
     "inbox": 6,
     "inspection": 6,
     "locate": 6,
+    "publisher": 6,
     "streams": 6,
     "upkeep": 6,
     "handle": 7,

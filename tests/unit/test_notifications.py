@@ -4,6 +4,7 @@ forged and malformed payloads, size."""
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 from typing import Any
 
@@ -14,13 +15,16 @@ from hypothesis import strategies as st
 from registry.models import MAX_ID_LENGTH
 from registry.notifications import (
     MAC_LENGTH,
+    MAX_BATCH_PAYLOAD_BYTES,
     MAX_INLINE_BYTES,
     ChunkPublished,
+    ChunksPublished,
     NotificationKey,
     NotificationKind,
     RunChanged,
     encode,
     parse,
+    payload_groups,
 )
 
 KEY = NotificationKey(bytes(range(32)))
@@ -35,7 +39,8 @@ def body(payload: str) -> Any:
 #: PostgreSQL refuses a NOTIFY payload of 8000 bytes or more.
 NOTIFY_PAYLOAD_LIMIT = 8000
 
-RUN_CHANGED_KINDS = [kind for kind in NotificationKind if kind is not NotificationKind.CHUNK]
+CHUNK_KINDS = {NotificationKind.CHUNK, NotificationKind.CHUNKS}
+RUN_CHANGED_KINDS = [kind for kind in NotificationKind if kind not in CHUNK_KINDS]
 AWKWARD_RUN_ID = 'rün "quoted" \\ back\tslash 🚀 \u2028 end'
 
 # run ids as storable by check_id: no NUL, no lone surrogates, 1..255 characters
@@ -58,7 +63,7 @@ def test_run_changed_round_trip(kind: NotificationKind, run_id: str) -> None:
 
 def test_every_kind_but_chunk_is_a_run_changed() -> None:
     # guards the parametrization above: a new kind must be covered by the round trip
-    assert set(RUN_CHANGED_KINDS) | {NotificationKind.CHUNK} == set(NotificationKind)
+    assert set(RUN_CHANGED_KINDS) | CHUNK_KINDS == set(NotificationKind)
     assert len(RUN_CHANGED_KINDS) == 4
 
 
@@ -219,3 +224,59 @@ def test_chunk_round_trip_property(run_id: str, seq: int, data: bytes | None) ->
 def test_run_changed_round_trip_property(run_id: str, kind: NotificationKind) -> None:
     notification = RunChanged(kind, run_id)
     assert parse(encode(notification, KEY), KEY) == notification
+
+
+def test_a_batch_wake_up_round_trips_in_order() -> None:
+    notification = ChunksPublished((("run-b", 7), (AWKWARD_RUN_ID, 2**63 - 1), ("run-a", 1)))
+    payload = encode(notification, KEY)
+    assert body(payload)["kind"] == "chunks"
+    assert parse(payload, KEY) == notification
+
+
+@pytest.mark.parametrize(
+    "runs",
+    [
+        "not a list",
+        [["run-1"]],
+        [["run-1", 1, 2]],
+        [[1, 1]],
+        [["run-1", "1"]],
+        [["run-1", True]],
+        [{"id": "run-1", "seq": 1}],
+    ],
+)
+def test_a_malformed_batch_wake_up_is_ignored(runs: object) -> None:
+    payload = KEY.sign(json.dumps({"kind": "chunks", "runs": runs}))
+    assert parse(payload, KEY) is None
+
+
+def test_a_batch_wake_up_signed_with_another_key_is_ignored() -> None:
+    payload = encode(ChunksPublished((("run-1", 1),)), OTHER_KEY)
+    assert parse(payload, KEY) is None
+
+
+@pure
+@given(run_ids=st.lists(run_ids, min_size=1, max_size=120))
+def test_payload_groups_keep_every_batch_payload_under_the_limit(run_ids: list[str]) -> None:
+    groups = payload_groups(run_ids)
+    assert len(groups) == len(run_ids)
+    # numbered 0, 1, ... in order, each group a contiguous slice
+    assert groups[0] == 0
+    assert all(b - a in (0, 1) for a, b in itertools.pairwise(groups))
+    for group in set(groups):
+        members = [run_id for run_id, g in zip(run_ids, groups, strict=True) if g == group]
+        notification = ChunksPublished(tuple((run_id, 2**63 - 1) for run_id in members))
+        payload = encode(notification, KEY)
+        # PostgreSQL's json_agg writes ", " where Python's compact form writes ","
+        spaced = len(payload.encode()) + 2 * 2 * len(members) + 16
+        assert spaced < NOTIFY_PAYLOAD_LIMIT
+        assert parse(payload, KEY) == notification
+
+
+def test_payload_groups_split_only_when_needed() -> None:
+    small = [f"run-{index}" for index in range(100)]
+    assert set(payload_groups(small)) == {0}
+    large = ["x" * 255] * 100
+    groups = payload_groups(large)
+    assert max(groups) >= 3
+    assert MAX_BATCH_PAYLOAD_BYTES // (255 + 2) >= groups.count(0) > 1

@@ -1,0 +1,243 @@
+"""Group commit of chunk appends: concurrent publishes to many runs share one statement and
+one wake-up, and each keeps its own answer (seqs, fencing, refusal) as if it went alone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+import pytest
+
+from registry import (
+    DatabaseError,
+    LeaseLostError,
+    RegistrySettings,
+    RunHandle,
+    RunRegistry,
+    StreamClosedError,
+    StreamConflictError,
+    StreamSubscription,
+)
+from registry.database import asyncpg_dsn
+from registry.notifications import CHANNEL, MAC_LENGTH
+
+# one statement in flight: whatever arrives meanwhile waits and goes together
+SERIAL = RegistrySettings(pool_size=2, stream_notify_window=0)
+
+
+@asynccontextmanager
+async def wake_ups(url: str) -> AsyncIterator[list[dict[str, object]]]:
+    """The chunk wake-ups sent on the registry's channel while the block runs, as JSON."""
+    seen: list[dict[str, object]] = []
+    connection = await asyncpg.connect(asyncpg_dsn(url))
+
+    def received(_c: object, _pid: int, _channel: str, payload: object) -> None:
+        body = json.loads(str(payload)[MAC_LENGTH:])
+        if body["kind"] in ("chunk", "chunks"):
+            seen.append(body)
+
+    await connection.add_listener(CHANNEL, received)
+    try:
+        yield seen
+    finally:
+        await connection.close()
+
+
+@asynccontextmanager
+async def plain_sql(url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A raw connection, as an operator would use one."""
+    connection = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+@asynccontextmanager
+async def both_ends(
+    url: str,
+) -> AsyncIterator[tuple[RunRegistry, RunRegistry, list[dict[str, object]]]]:
+    """A publishing registry (one statement in flight), a reading one, and the wake-ups."""
+    async with (
+        await RunRegistry.connect(url, settings=SERIAL) as publisher,
+        await RunRegistry.connect(url) as reader,
+        wake_ups(url) as seen,
+    ):
+        yield publisher, reader, seen
+
+
+def batched(seen: list[dict[str, object]]) -> list[list[str]]:
+    """The run ids listed by each ``chunks`` wake-up."""
+    return [[run_id for run_id, _seq in body["runs"]] for body in seen if body["kind"] == "chunks"]  # type: ignore[attr-defined]
+
+
+async def subscribed(reader: RunRegistry, handles: list[RunHandle]) -> list[StreamSubscription]:
+    """A subscription from the start to each run's stream."""
+    subscriptions = []
+    for handle in handles:
+        subscription = await reader.subscribe_thread_run_stream(handle.run_id, after_seq=0)
+        assert subscription is not None
+        subscriptions.append(subscription)
+    return subscriptions
+
+
+async def bound(registry: RunRegistry, count: int, prefix: str = "run") -> list[RunHandle]:
+    handles = []
+    for index in range(count):
+        handle = await registry.register(f"{prefix}-{index}", "agent-a", f"thread-{index}")
+        assert await handle.bind_stream_fanout()
+        handles.append(handle)
+    return handles
+
+
+async def test_many_runs_publishing_at_once_share_statements_and_lose_nothing(
+    registry_database_url: str,
+) -> None:
+    async with both_ends(registry_database_url) as (publisher, reader, seen):
+        handles = await bound(publisher, 40)
+        subscriptions = await subscribed(reader, handles)
+
+        async def stream(handle: RunHandle) -> list[int]:
+            return [await handle.publish(f"{handle.run_id}/{n}".encode()) for n in range(15)]
+
+        results = await asyncio.gather(*(stream(handle) for handle in handles))
+        assert results == [list(range(1, 16))] * 40, "each run's seqs gapless, in call order"
+        for handle, subscription in zip(handles, subscriptions, strict=True):
+            async with asyncio.timeout(10):
+                got = [await anext(subscription) for _ in range(15)]
+            assert [chunk.data for chunk in got] == [
+                f"{handle.run_id}/{n}".encode() for n in range(15)
+            ]
+        # the point of it: statements carried several runs, announced by one wake-up each
+        assert max(len(runs) for runs in batched(seen)) > 1
+        assert all(len(runs) == len(set(runs)) for runs in batched(seen)), "one append per run"
+
+
+async def test_concurrent_publishes_to_one_run_are_stored_in_call_order(
+    run_registry: RunRegistry,
+) -> None:
+    [handle] = await bound(run_registry, 1)
+    seqs = await asyncio.gather(*(handle.publish(bytes([n])) for n in range(60)))
+    assert seqs == list(range(1, 61))
+    subscription = await run_registry.subscribe_thread_run_stream(handle.run_id, after_seq=0)
+    assert subscription is not None
+    async with asyncio.timeout(10):
+        got = [await anext(subscription) for _ in range(60)]
+    assert [chunk.data for chunk in got] == [bytes([n]) for n in range(60)]
+
+
+async def test_each_append_in_a_batch_is_checked_and_refused_on_its_own(
+    registry_database_url: str,
+) -> None:
+    async with (
+        await RunRegistry.connect(registry_database_url, settings=SERIAL) as publisher,
+        await RunRegistry.connect(registry_database_url, worker_id="other") as other,
+        wake_ups(registry_database_url) as seen,
+    ):
+        lead, ok_1, ended, conflicted, fenced, ok_2 = await bound(publisher, 6)
+        assert await lead.publish(b"x") == 1
+        assert await conflicted.publish(b"x") == 1
+        # behind the publisher's back: one run ends, another is taken over
+        assert await other.remove_by_run_id(ended.run_id)
+        async with plain_sql(registry_database_url) as sql:
+            await sql.execute(
+                "UPDATE runs SET owner_epoch = owner_epoch + 1 WHERE run_id = $1", fenced.run_id
+            )
+        # the first goes alone (nothing in flight); the rest wait for it and go together
+        results = await asyncio.gather(
+            lead.publish(b"lead"),
+            ok_1.publish(b"a"),
+            ended.publish(b"b"),
+            conflicted.publish(b"c", after_seq=0),
+            fenced.publish(b"d"),
+            ok_2.publish(b"e"),
+            return_exceptions=True,
+        )
+        assert results[0] == 2
+        assert results[1] == 1
+        assert isinstance(results[2], StreamClosedError)
+        assert isinstance(results[3], StreamConflictError)
+        assert isinstance(results[4], LeaseLostError)
+        assert results[5] == 1
+        assert [ok_1.run_id, ok_2.run_id] in batched(seen), "refused appends are not announced"
+        async with plain_sql(registry_database_url) as sql:
+            stored = await sql.fetch("SELECT run_id, seq, data FROM stream_chunks ORDER BY 1, 2")
+        assert {(row["run_id"], row["seq"], row["data"]) for row in stored} == {
+            (lead.run_id, 1, b"x"),
+            (lead.run_id, 2, b"lead"),
+            (ok_1.run_id, 1, b"a"),
+            (conflicted.run_id, 1, b"x"),
+            (ok_2.run_id, 1, b"e"),
+        }
+
+
+async def test_a_statement_the_server_refuses_fails_only_the_append_that_caused_it(
+    registry_database_url: str,
+) -> None:
+    async with plain_sql(registry_database_url) as sql:
+        await sql.execute(
+            """
+            CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.data = 'poison'::bytea THEN
+                    RAISE EXCEPTION 'poisoned chunk' USING ERRCODE = 'P0001';
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER refuse_poison BEFORE INSERT ON stream_chunks
+               FOR EACH ROW EXECUTE FUNCTION refuse_poison();
+            """
+        )
+    async with await RunRegistry.connect(registry_database_url, settings=SERIAL) as publisher:
+        lead, first, poisoned, last = await bound(publisher, 4)
+        results = await asyncio.gather(
+            lead.publish(b"lead"),
+            first.publish(b"a"),
+            poisoned.publish(b"poison"),
+            last.publish(b"c"),
+            return_exceptions=True,
+        )
+        assert results[0] == 1
+        assert results[1] == 1
+        assert isinstance(results[2], DatabaseError)
+        assert results[2].sqlstate == "P0001"
+        assert results[3] == 1
+        assert await poisoned.publish(b"fine") == 1, "the refused append wrote nothing"
+
+
+async def test_a_batch_of_long_run_ids_is_announced_in_payloads_under_the_limit(
+    registry_database_url: str,
+) -> None:
+    async with both_ends(registry_database_url) as (publisher, reader, seen):
+        handles = []
+        for index in range(61):
+            run_id = f"{index:03d}-" + "ü" * 251  # 255 characters, 506 bytes
+            handle = await publisher.register(run_id, "agent-a", f"thread-{index}")
+            assert await handle.bind_stream_fanout()
+            handles.append(handle)
+        subscriptions = await subscribed(reader, handles)
+        assert await asyncio.gather(*(handle.publish(b"one") for handle in handles)) == [1] * 61
+        for subscription in subscriptions:
+            async with asyncio.timeout(10):
+                assert (await anext(subscription)).data == b"one"
+        groups = batched(seen)
+        assert sum(len(runs) for runs in groups) == 60, "all but the first, which went alone"
+        assert len(groups) >= 4, "split across several payloads"
+
+
+@pytest.mark.parametrize("concurrency", [1, 5])
+async def test_closing_sends_every_accepted_publish(
+    registry_database_url: str, concurrency: int
+) -> None:
+    settings = RegistrySettings(pool_size=2 * concurrency)
+    registry = await RunRegistry.connect(registry_database_url, settings=settings)
+    handles = await bound(registry, 30)
+    publishes = [asyncio.ensure_future(handle.publish(b"last words")) for handle in handles]
+    await asyncio.sleep(0)  # every publish is queued or in flight
+    await registry.close()
+    assert [await publish for publish in publishes] == [1] * 30
+    async with plain_sql(registry_database_url) as sql:
+        assert await sql.fetchval("SELECT count(*) FROM stream_chunks") == 30
