@@ -82,6 +82,7 @@ class RunParts:
             self.dispatcher,
             batch=settings.stream_read_batch,
             max_delay=settings.safety_interval,
+            concurrency=max(1, settings.pool_size // 2),
         )
         self.leases = LeaseKeeper(
             lane,

@@ -970,6 +970,36 @@ async def read_chunks(
     return [StreamChunk(row["seq"], bytes(row["data"])) for row in rows]
 
 
+# Many runs' reads in one round trip: each run's chunks after its own position, each limited.
+_READ_CHUNK_BATCH = """
+    SELECT request.ord, chunk.seq, chunk.data
+      FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS request(run_id, after, ord)
+     CROSS JOIN LATERAL (
+           SELECT seq, data FROM stream_chunks
+            WHERE stream_chunks.run_id = request.run_id AND stream_chunks.seq > request.after
+            ORDER BY seq LIMIT $3
+     ) AS chunk
+     ORDER BY request.ord, chunk.seq
+"""
+
+
+async def read_chunk_batch(
+    connection: DriverConnection, positions: Sequence[tuple[str, int]], *, limit: int
+) -> list[list[StreamChunk]]:
+    """For each (run id, after) in ``positions``: that run's stored chunks with seq > after, in
+    order, at most ``limit``; one round trip for all (see :func:`read_chunks`)."""
+    rows = await connection.fetch(
+        _READ_CHUNK_BATCH,
+        [run_id for run_id, _after in positions],
+        [after for _run_id, after in positions],
+        limit,
+    )
+    pages: list[list[StreamChunk]] = [[] for _ in positions]
+    for row in rows:
+        pages[row["ord"] - 1].append(StreamChunk(row["seq"], bytes(row["data"])))
+    return pages
+
+
 _PRUNE_STREAMS = """
     WITH expired AS (
         UPDATE runs SET stream_seq = NULL

@@ -31,6 +31,9 @@ from registry.watch import Dispatcher, RunWatch
 
 logger = logging.getLogger(__name__)
 
+#: runs whose reads share one statement, at most
+MAX_READ_BATCH = 100
+
 
 @dataclass(frozen=True, slots=True)
 class ChunkPage:
@@ -54,23 +57,44 @@ class _SharedRead:
     result: asyncio.Future[list[StreamChunk]]
 
 
-class SharedChunkReader:
-    """Reads runs' stored chunks for this process's subscribers, one query per run at a time.
+@dataclass(frozen=True, slots=True)
+class _Wanted:
+    """A table read waiting for (or in) a statement."""
 
-    ``batch``: chunks per round trip. Reads wait through a database outage (backoff up to
+    run_id: str
+    after: int
+    result: asyncio.Future[list[StreamChunk]]
+
+
+class SharedChunkReader:
+    """Reads runs' stored chunks for this process's subscribers, one query per run at a time,
+    and the queries of many runs in one round trip.
+
+    ``batch``: chunks per run per round trip. A read that finds fewer than ``concurrency``
+    statements out goes at once; those that arrive meanwhile (one group-committed wake-up names
+    many runs) go together in the next. Reads wait through a database outage (backoff up to
     ``max_delay`` seconds) instead of failing their subscriber; the registry's close ends them
     with :class:`RegistryClosedError`.
     """
 
     def __init__(
-        self, lane: ConnectionLane, dispatcher: Dispatcher, *, batch: int, max_delay: float
+        self,
+        lane: ConnectionLane,
+        dispatcher: Dispatcher,
+        *,
+        batch: int,
+        max_delay: float,
+        concurrency: int = 4,
     ) -> None:
         self._lane = lane
         self._dispatcher = dispatcher
         self.batch = batch
         self._max_delay = max_delay
+        self._concurrency = max(1, concurrency)
         self._reads: dict[str, _SharedRead] = {}
         self._in_flight: set[asyncio.Future[list[StreamChunk]]] = set()
+        self._wanted: collections.deque[_Wanted] = collections.deque()
+        self._statements: set[asyncio.Task[None]] = set()
 
     async def read(self, run_id: str, after: int) -> ChunkPage:
         """Up to ``batch`` of the run's chunks after ``after``, in order.
@@ -125,6 +149,8 @@ class SharedChunkReader:
         """Cancel the reads in flight, so their connections go now (never blocks)."""
         for read in list(self._in_flight):
             read.cancel()
+        for statement in list(self._statements):
+            statement.cancel()
 
     def _finished(self, read: asyncio.Future[list[StreamChunk]]) -> None:
         self._in_flight.discard(read)
@@ -132,12 +158,60 @@ class SharedChunkReader:
             read.exception()
 
     async def _read_table(self, run_id: str, after: int) -> list[StreamChunk]:
-        return await self._lane.retry_until_available(
-            lambda connection: repository.read_chunks(
-                connection, run_id, after=after, limit=self.batch
-            ),
-            max_delay=self._max_delay,
-        )
+        result: asyncio.Future[list[StreamChunk]] = asyncio.get_running_loop().create_future()
+        self._wanted.append(_Wanted(run_id, after, result))
+        self._read_more()
+        return await result
+
+    def _read_more(self) -> None:
+        """Start statements for waiting reads while fewer than ``concurrency`` are out."""
+        while self._wanted and len(self._statements) < self._concurrency:
+            batch: list[_Wanted] = []
+            while self._wanted and len(batch) < MAX_READ_BATCH:
+                wanted = self._wanted.popleft()
+                if not wanted.result.cancelled():
+                    batch.append(wanted)
+            if batch:
+                task = asyncio.create_task(self._read_batch(batch), name="registry-chunk-read")
+                self._statements.add(task)
+                task.add_done_callback(self._read_done)
+
+    def _read_done(self, task: asyncio.Task[None]) -> None:
+        self._statements.discard(task)
+        self._read_more()
+
+    async def _read_batch(self, batch: list[_Wanted]) -> None:
+        try:
+            if len(batch) == 1:
+                [wanted] = batch
+                pages = [
+                    await self._lane.retry_until_available(
+                        lambda connection: repository.read_chunks(
+                            connection, wanted.run_id, after=wanted.after, limit=self.batch
+                        ),
+                        max_delay=self._max_delay,
+                    )
+                ]
+            else:
+                positions = [(wanted.run_id, wanted.after) for wanted in batch]
+                pages = await self._lane.retry_until_available(
+                    lambda connection: repository.read_chunk_batch(
+                        connection, positions, limit=self.batch
+                    ),
+                    max_delay=self._max_delay,
+                )
+        except BaseException as exc:
+            # close() cancelled us: the readers' own cancellation tells them so
+            error = exc if isinstance(exc, Exception) else RegistryClosedError()
+            for wanted in batch:
+                if not wanted.result.done():
+                    wanted.result.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for wanted, page in zip(batch, pages, strict=True):
+            if not wanted.result.done():
+                wanted.result.set_result(page)
 
 
 class StreamSubscription:

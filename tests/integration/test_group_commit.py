@@ -1,11 +1,12 @@
 """Group commit of chunk appends: concurrent publishes to many runs share one statement and
-one wake-up, and each keeps its own answer (seqs, fencing, refusal) as if it went alone."""
+one wake-up, and each keeps its own answer (seqs, fencing, refusal) as if it went alone; and
+the reads of subscribers woken together share one round trip."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import asyncpg
@@ -17,11 +18,13 @@ from registry import (
     RegistrySettings,
     RunHandle,
     RunRegistry,
+    StreamChunk,
     StreamClosedError,
     StreamConflictError,
     StreamSubscription,
+    repository,
 )
-from registry.database import asyncpg_dsn
+from registry.database import DriverConnection, asyncpg_dsn
 from registry.notifications import CHANNEL, MAC_LENGTH
 
 # one statement in flight: whatever arrives meanwhile waits and goes together
@@ -241,3 +244,56 @@ async def test_closing_sends_every_accepted_publish(
     assert [await publish for publish in publishes] == [1] * 30
     async with plain_sql(registry_database_url) as sql:
         assert await sql.fetchval("SELECT count(*) FROM stream_chunks") == 30
+
+
+async def test_one_round_trip_reads_many_runs_each_from_its_own_position(
+    registry_database_url: str,
+) -> None:
+    async with both_ends(registry_database_url) as (publisher, _reader, _seen):
+        first, second = await bound(publisher, 2)
+        await first.publish_many([b"a1", b"a2", b"a3"])
+        await second.publish_many([b"b1", b"b2"])
+    async with plain_sql(registry_database_url) as sql:
+        pages = await repository.read_chunk_batch(
+            sql,
+            [(first.run_id, 0), (second.run_id, 1), (first.run_id, 2), ("nobody", 0)],
+            limit=2,
+        )
+    assert pages == [
+        [StreamChunk(1, b"a1"), StreamChunk(2, b"a2")],
+        [StreamChunk(2, b"b2")],
+        [StreamChunk(3, b"a3")],
+        [],
+    ]
+
+
+async def test_subscribers_woken_together_read_together(
+    registry_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches: list[int] = []
+    read_chunk_batch = repository.read_chunk_batch
+
+    async def counted(
+        connection: DriverConnection, positions: Sequence[tuple[str, int]], *, limit: int
+    ) -> list[list[StreamChunk]]:
+        batches.append(len(positions))
+        return await read_chunk_batch(connection, positions, limit=limit)
+
+    monkeypatch.setattr(repository, "read_chunk_batch", counted)
+    async with (
+        await RunRegistry.connect(registry_database_url) as publisher,
+        await RunRegistry.connect(registry_database_url, settings=SERIAL) as reader,
+    ):
+        handles = await bound(publisher, 30)
+        subscriptions = await subscribed(reader, handles)
+        for handle in handles:
+            await handle.publish_many([b"one", b"two"])
+
+        async def first_two(subscription: StreamSubscription) -> list[bytes]:
+            return [(await anext(subscription)).data for _ in range(2)]
+
+        async with asyncio.timeout(10):
+            got = await asyncio.gather(*(first_two(s) for s in subscriptions))
+    assert got == [[b"one", b"two"]] * 30
+    assert batches, "the reads went together"
+    assert max(batches) > 1
