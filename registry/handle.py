@@ -61,6 +61,9 @@ class RunParts:
         self.calls = calls
         self.max_chunk_bytes = settings.max_chunk_bytes
         self.dispatcher = Dispatcher()
+        # statements of each kind in flight at most: half the lane; group commit gathers the
+        # calls that arrive meanwhile into the next one
+        concurrency = max(1, settings.pool_size // 2)
         #: the notification key, read from the database when first needed
         self.keyring = Keyring(lambda: lane.retry_once(repository.notification_secret))
         self.decisions = DecisionQueue(
@@ -68,21 +71,21 @@ class RunParts:
             batch=settings.inbox_batch,
             max_attempts=settings.max_delivery_attempts,
             max_delay=settings.safety_interval,
+            concurrency=concurrency,
         )
         self.publisher = ChunkPublisher(
             lane,
             self.keyring,
             window=settings.stream_notify_window,
             inline_limit=settings.inline_chunk_bytes,
-            # half the lane: group commit gathers the rest while these are out
-            concurrency=max(1, settings.pool_size // 2),
+            concurrency=concurrency,
         )
         self.reader = SharedChunkReader(
             lane,
             self.dispatcher,
             batch=settings.stream_read_batch,
             max_delay=settings.safety_interval,
-            concurrency=max(1, settings.pool_size // 2),
+            concurrency=concurrency,
         )
         self.leases = LeaseKeeper(
             lane,

@@ -16,12 +16,16 @@ from types import TracebackType
 from typing import Self
 
 from registry import repository
+from registry.batching import Batcher
 from registry.connections import ConnectionLane
-from registry.errors import InvalidInputError, LeaseLostError
+from registry.errors import InvalidInputError, LeaseLostError, OutcomeUnknownError
 from registry.models import DecisionDelivery
 from registry.watch import Lease, RunWatch
 
 logger = logging.getLogger(__name__)
+
+#: acknowledgements in one statement, at most
+MAX_ACK_BATCH = 500
 
 
 class DecisionQueue:
@@ -30,15 +34,33 @@ class DecisionQueue:
     ``batch``: decisions claimed per round trip. ``max_attempts``: a decision delivered this
     many times without an ack is dropped as dead-lettered. ``max_delay``: the longest pause
     between retries while the database is unavailable (claims wait through an outage).
+    Acknowledgements that arrive together go in one statement, ``concurrency`` at most in
+    flight (see :mod:`registry.batching`).
     """
 
     def __init__(
-        self, lane: ConnectionLane, *, batch: int, max_attempts: int, max_delay: float
+        self,
+        lane: ConnectionLane,
+        *,
+        batch: int,
+        max_attempts: int,
+        max_delay: float,
+        concurrency: int = 4,
     ) -> None:
         self._lane = lane
         self.batch = batch
         self._max_attempts = max_attempts
         self._max_delay = max_delay
+        # acks of every inbox that arrive together share one statement (group commit); one
+        # delivery at most once per statement
+        self._acks: Batcher[repository.Ack, bool | None] = Batcher(
+            self._send_acks,
+            concurrency=concurrency,
+            max_items=MAX_ACK_BATCH,
+            key=lambda ack: ack.delivery_id,
+            cut_short=lambda: OutcomeUnknownError("The ack was cut short; it may be stored."),
+            name="registry-ack",
+        )
 
     async def claim(self, lease: Lease, after: int) -> repository.Claim:
         """Claim the run's next decisions after ``after`` (and any pending below it), under
@@ -71,10 +93,13 @@ class DecisionQueue:
     async def ack(self, lease: Lease, delivery: DecisionDelivery) -> bool | None:
         """Mark ``delivery`` acknowledged under ``lease``'s owner epoch; ``False`` if it was
         not awaiting an ack, ``None`` (nothing written) if the run's epoch moved on."""
+        return await self._acks.submit(
+            repository.Ack(delivery.run_id, delivery.delivery_id, lease.epoch)
+        )
+
+    async def _send_acks(self, acks: list[repository.Ack]) -> list[bool | None]:
         async with self._lane.autocommit(write=True) as connection:
-            return await repository.ack_decision(
-                connection, delivery.run_id, delivery.delivery_id, epoch=lease.epoch
-            )
+            return await repository.ack_decisions(connection, acks)
 
 
 class DecisionInbox:

@@ -16,12 +16,12 @@ against its own owner epoch and ``after_seq``, and is refused on its own.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from registry import repository
+from registry.batching import Batcher
 from registry.connections import ConnectionLane, converge
 from registry.database import DriverConnection
 from registry.errors import (
@@ -52,16 +52,14 @@ MAX_BATCH_RUNS = 500
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Append:
-    """One publish waiting for (or in) a statement; ``done`` gets its last seq, or ``None``
-    when the statement refused it."""
+    """One publish for the next statement."""
 
     run_id: str
     chunks: Sequence[bytes]
     epoch: int | None
     after_seq: int | None
-    done: asyncio.Future[int | None]
 
     @property
     def size(self) -> int:
@@ -99,10 +97,21 @@ class ChunkPublisher:
         self._forget_at = _NOTIFIED_LIMIT
         self._pending: dict[str, int] = {}
         self._flusher: asyncio.Task[None] | None = None
-        self._queue: collections.deque[_Append] = collections.deque()
-        self._sending: set[str] = set()  # runs with an append in a statement in flight
-        self._statements: set[asyncio.Task[None]] = set()
+        self._appends: Batcher[_Append, int | None] = Batcher(
+            self._send,
+            concurrency=concurrency,
+            max_items=MAX_BATCH_RUNS,
+            # one run's appends commit in call order: one at a time, oldest first
+            key=lambda append: append.run_id,
+            weight=lambda append: append.size,
+            max_weight=MAX_BATCH_BYTES,
+            cut_short=lambda: OutcomeUnknownError(
+                "The chunk append was cut short; it may be stored."
+            ),
+            name="registry-chunk-append",
+        )
         self._closed = False
+        self._aborted = False
 
     async def publish(
         self,
@@ -140,88 +149,34 @@ class ChunkPublisher:
         await self._keyring.get()  # loaded once, before any statement needs it
         if self._closed:
             raise RegistryClosedError()
-        done: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Append(run_id, chunks, epoch, after_seq, done))
-        self._send_more()
-        # a cancelled caller cancels ``done``: unsent, it is skipped; sent, it may be stored
-        last_seq = await done
+        last_seq = await self._appends.submit(_Append(run_id, chunks, epoch, after_seq))
         if last_seq is None:
             async with self._lane.autocommit() as connection:
                 return await _refused(connection, run_id, chunks, epoch, after_seq)
         first = last_seq - len(chunks) + 1
         return list(range(first, last_seq + 1))
 
-    def _send_more(self) -> None:
-        """Start statements for waiting appends while fewer than ``concurrency`` are out."""
-        while self._queue and len(self._statements) < self._concurrency:
-            batch = self._take()
-            if not batch:
-                return
-            task = asyncio.create_task(self._send(batch), name="registry-chunk-append")
-            self._statements.add(task)
-            task.add_done_callback(self._sent)
-
-    def _take(self) -> list[_Append]:
-        """The next statement's appends: oldest first, one per run, none for a run that has
-        one in flight (so one run's appends commit in call order); the rest keep their place."""
-        batch: list[_Append] = []
-        kept: collections.deque[_Append] = collections.deque()
-        runs: set[str] = set()
-        size = 0
-        while self._queue:
-            append = self._queue.popleft()
-            if append.done.cancelled():
-                continue
-            busy = append.run_id in runs or append.run_id in self._sending
-            full = len(batch) >= MAX_BATCH_RUNS or (batch and size + append.size > MAX_BATCH_BYTES)
-            if busy or full:
-                kept.append(append)
-                runs.add(append.run_id)  # later appends of this run wait behind it
-                continue
-            batch.append(append)
-            runs.add(append.run_id)
-            size += append.size
-        self._queue = kept
-        self._sending.update(append.run_id for append in batch)
-        return batch
-
-    def _sent(self, task: asyncio.Task[None]) -> None:
-        self._statements.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("chunk append failed unexpectedly", exc_info=task.exception())
-        self._send_more()
-
-    async def _send(self, batch: list[_Append]) -> None:
+    async def _send(self, batch: list[_Append]) -> list[int | BaseException | None]:
+        key = await self._keyring.get()
+        now = asyncio.get_running_loop().time()
+        due = [self._due(append.run_id, now) for append in batch]
+        outcomes: list[int | BaseException | None]
         try:
-            key = await self._keyring.get()
-            loop = asyncio.get_running_loop()
-            now = loop.time()
-            due = [self._due(append.run_id, now) for append in batch]
-            try:
-                last_seqs = await self._statement(batch, due, key)
-            except DatabaseError as exc:
-                if len(batch) == 1 or exc.is_transient or isinstance(exc, DatabaseUnavailableError):
-                    raise
-                # the server refused the statement: each append alone, for its own answer
-                last_seqs = []
-                for append, notify in zip(batch, due, strict=True):
-                    try:
-                        [last_seq] = await self._statement([append], [notify], key)
-                    except Exception as alone:
-                        _settle(append, error=alone)
-                        last_seq = None
-                    last_seqs.append(last_seq)
-            for append, notify, last_seq in zip(batch, due, last_seqs, strict=True):
-                if last_seq is not None:
-                    self._committed(append.run_id, last_seq, notify=notify, now=now)
-                _settle(append, last_seq=last_seq)
-        except BaseException as exc:
-            for append in batch:
-                _settle(append, error=exc)
-            if not isinstance(exc, Exception):
+            outcomes = list(await self._statement(batch, due, key))
+        except DatabaseError as exc:
+            if len(batch) == 1 or exc.is_transient or isinstance(exc, DatabaseUnavailableError):
                 raise
-        finally:
-            self._sending.difference_update(append.run_id for append in batch)
+            # the server refused the statement: each append alone, for its own answer
+            outcomes = []
+            for append, notify in zip(batch, due, strict=True):
+                try:
+                    outcomes.extend(await self._statement([append], [notify], key))
+                except DatabaseError as alone:
+                    outcomes.append(alone)
+        for append, notify, outcome in zip(batch, due, outcomes, strict=True):
+            if isinstance(outcome, int):
+                self._committed(append.run_id, outcome, notify=notify, now=now)
+        return outcomes
 
     async def _statement(
         self, batch: list[_Append], due: list[bool], key: NotificationKey
@@ -270,9 +225,9 @@ class ChunkPublisher:
             self._notified_at[run_id] = now
             return
         self._pending[run_id] = max(last_seq, self._pending.get(run_id, 0))
-        # a publish that was in flight when close() began: its subscribers elsewhere catch
-        # up at their safety re-check, as after a lost notification
-        if not self._closed and (self._flusher is None or self._flusher.done()):
+        # stop() waits for this flush too; after abort() subscribers elsewhere catch up at
+        # their safety re-check, as after a lost notification
+        if not self._aborted and (self._flusher is None or self._flusher.done()):
             self._flusher = asyncio.create_task(self._flush(), name="registry-chunk-notify")
 
     def _forget_quiet_runs(self, now: float) -> None:
@@ -289,9 +244,7 @@ class ChunkPublisher:
         self._closed = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        # asyncio.wait, not awaiting the tasks: a cancel aimed at our caller must reach it
-        while self._statements and loop.time() < deadline:
-            await asyncio.wait(set(self._statements), timeout=deadline - loop.time())
+        await self._appends.drain(grace)
         flusher = self._flusher
         if flusher is None or flusher.done():
             return
@@ -308,9 +261,8 @@ class ChunkPublisher:
     def abort(self) -> None:
         """Refuse new publishes, fail the unsent ones with :class:`RegistryClosedError` and
         drop the pending wake-ups now (never blocks)."""
-        self._closed = True
-        while self._queue:
-            _settle(self._queue.popleft(), error=RegistryClosedError())
+        self._closed = self._aborted = True
+        self._appends.fail_waiting(RegistryClosedError)
         if self._flusher is not None:
             self._flusher.cancel()
 
@@ -352,23 +304,6 @@ def _grouped(heads: dict[str, int]) -> list[tuple[tuple[str, int], ...]]:
     for group, head in zip(payload_groups(list(heads)), heads.items(), strict=True):
         payloads.setdefault(group, []).append(head)
     return [tuple(runs) for runs in payloads.values()]
-
-
-def _settle(
-    append: _Append, *, last_seq: int | None = None, error: BaseException | None = None
-) -> None:
-    """Answer the publish waiting on ``append`` unless it was answered (or cancelled)."""
-    if append.done.done():
-        return
-    if error is None:
-        append.done.set_result(last_seq)
-    elif isinstance(error, asyncio.CancelledError):
-        # our statement task was cancelled, not the caller: the append may be stored
-        append.done.set_exception(
-            OutcomeUnknownError("The chunk append was cut short; it may be stored.")
-        )
-    else:
-        append.done.set_exception(error)
 
 
 async def _refused(

@@ -705,30 +705,59 @@ async def claim_decisions(
 # Unlike the claim, the ack takes no lock on the run: an ack racing an adoption can only mark
 # acked a decision the old owner did apply, and a decision is acked once (status 'delivered'
 # to 'acked'), so none is acked by both owners; once the adoption is visible, acks are refused.
-_ACK_DECISION = """
-    WITH owner AS (
-        SELECT 1 FROM runs WHERE run_id = $2 AND owner_epoch = $3
+# Acknowledgements of many deliveries (of any runs) in one statement. The rows are locked in
+# id order first, as a claim locks its run's rows, so an ack batch and a claim never deadlock.
+_ACK_DECISIONS = """
+    WITH request AS (
+        SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[])
+               WITH ORDINALITY AS request(id, run_id, epoch, ord)
+    ), owned AS (
+        SELECT request.ord FROM request
+         WHERE request.epoch IS NULL
+            OR EXISTS (SELECT 1 FROM runs
+                        WHERE runs.run_id = request.run_id AND runs.owner_epoch = request.epoch)
+    ), locked AS MATERIALIZED (
+        SELECT decisions.id FROM decisions
+         WHERE decisions.id = ANY($1::bigint[]) AND decisions.status = 'delivered'
+         ORDER BY decisions.id
+           FOR NO KEY UPDATE
     ), acked AS (
         UPDATE decisions SET status = 'acked', acked_at = now()
-         WHERE id = $1 AND run_id = $2 AND status = 'delivered'
-           AND ($3::bigint IS NULL OR EXISTS (SELECT 1 FROM owner))
-        RETURNING id
+          FROM request JOIN owned USING (ord) JOIN locked USING (id)
+         WHERE decisions.id = request.id AND decisions.run_id = request.run_id
+           AND decisions.status = 'delivered'
+        RETURNING request.ord
     )
-    SELECT EXISTS (SELECT 1 FROM acked) AS acked,
-           $3::bigint IS NULL OR EXISTS (SELECT 1 FROM owner) AS owned
+    SELECT request.ord,
+           EXISTS (SELECT 1 FROM acked WHERE acked.ord = request.ord) AS acked,
+           EXISTS (SELECT 1 FROM owned WHERE owned.ord = request.ord) AS owned
+      FROM request
+     ORDER BY request.ord
 """
 
 
-async def ack_decision(
-    connection: DriverConnection, run_id: str, delivery_id: int, *, epoch: int | None
-) -> bool | None:
-    """Mark a delivered decision acknowledged; ``False`` if it was not awaiting an ack, and
-    ``None`` (nothing written) if, with ``epoch``, the run is held under another owner epoch."""
-    row = await connection.fetchrow(_ACK_DECISION, delivery_id, run_id, epoch)
-    assert row is not None  # a SELECT without FROM returns one row
-    if not row["owned"]:
-        return None
-    return bool(row["acked"])
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """One acknowledgement for :func:`ack_decisions`: delivery ``delivery_id`` of ``run_id``,
+    only while the run is held under owner ``epoch`` when given."""
+
+    run_id: str
+    delivery_id: int
+    epoch: int | None
+
+
+async def ack_decisions(connection: DriverConnection, acks: Sequence[Ack]) -> list[bool | None]:
+    """Mark delivered decisions acknowledged, in one statement; for each ack in order: ``True``
+    if stored, ``False`` if the decision was not awaiting an ack, and ``None`` (nothing
+    written) if, with ``epoch``, the run is held under another owner epoch. A delivery id
+    twice in ``acks`` is acknowledged once (the first ``True``, the other ``False``)."""
+    rows = await connection.fetch(
+        _ACK_DECISIONS,
+        [ack.delivery_id for ack in acks],
+        [ack.run_id for ack in acks],
+        [ack.epoch for ack in acks],
+    )
+    return [None if not row["owned"] else bool(row["acked"]) for row in rows]
 
 
 _OPEN_DECISION_HEADS = """

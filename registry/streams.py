@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Self
 
 from registry import repository
+from registry.batching import Batcher
 from registry.connections import ConnectionLane
 from registry.errors import (
     RegistryClosedError,
@@ -57,15 +58,6 @@ class _SharedRead:
     result: asyncio.Future[list[StreamChunk]]
 
 
-@dataclass(frozen=True, slots=True)
-class _Wanted:
-    """A table read waiting for (or in) a statement."""
-
-    run_id: str
-    after: int
-    result: asyncio.Future[list[StreamChunk]]
-
-
 class SharedChunkReader:
     """Reads runs' stored chunks for this process's subscribers, one query per run at a time,
     and the queries of many runs in one round trip.
@@ -93,8 +85,13 @@ class SharedChunkReader:
         self._concurrency = max(1, concurrency)
         self._reads: dict[str, _SharedRead] = {}
         self._in_flight: set[asyncio.Future[list[StreamChunk]]] = set()
-        self._wanted: collections.deque[_Wanted] = collections.deque()
-        self._statements: set[asyncio.Task[None]] = set()
+        self._tables: Batcher[tuple[str, int], list[StreamChunk]] = Batcher(
+            self._read_batch,
+            concurrency=concurrency,
+            max_items=MAX_READ_BATCH,
+            cut_short=RegistryClosedError,
+            name="registry-chunk-read",
+        )
 
     async def read(self, run_id: str, after: int) -> ChunkPage:
         """Up to ``batch`` of the run's chunks after ``after``, in order.
@@ -149,8 +146,7 @@ class SharedChunkReader:
         """Cancel the reads in flight, so their connections go now (never blocks)."""
         for read in list(self._in_flight):
             read.cancel()
-        for statement in list(self._statements):
-            statement.cancel()
+        self._tables.cancel()
 
     def _finished(self, read: asyncio.Future[list[StreamChunk]]) -> None:
         self._in_flight.discard(read)
@@ -158,60 +154,23 @@ class SharedChunkReader:
             read.exception()
 
     async def _read_table(self, run_id: str, after: int) -> list[StreamChunk]:
-        result: asyncio.Future[list[StreamChunk]] = asyncio.get_running_loop().create_future()
-        self._wanted.append(_Wanted(run_id, after, result))
-        self._read_more()
-        return await result
+        return await self._tables.submit((run_id, after))
 
-    def _read_more(self) -> None:
-        """Start statements for waiting reads while fewer than ``concurrency`` are out."""
-        while self._wanted and len(self._statements) < self._concurrency:
-            batch: list[_Wanted] = []
-            while self._wanted and len(batch) < MAX_READ_BATCH:
-                wanted = self._wanted.popleft()
-                if not wanted.result.cancelled():
-                    batch.append(wanted)
-            if batch:
-                task = asyncio.create_task(self._read_batch(batch), name="registry-chunk-read")
-                self._statements.add(task)
-                task.add_done_callback(self._read_done)
-
-    def _read_done(self, task: asyncio.Task[None]) -> None:
-        self._statements.discard(task)
-        self._read_more()
-
-    async def _read_batch(self, batch: list[_Wanted]) -> None:
-        try:
-            if len(batch) == 1:
-                [wanted] = batch
-                pages = [
-                    await self._lane.retry_until_available(
-                        lambda connection: repository.read_chunks(
-                            connection, wanted.run_id, after=wanted.after, limit=self.batch
-                        ),
-                        max_delay=self._max_delay,
-                    )
-                ]
-            else:
-                positions = [(wanted.run_id, wanted.after) for wanted in batch]
-                pages = await self._lane.retry_until_available(
-                    lambda connection: repository.read_chunk_batch(
-                        connection, positions, limit=self.batch
+    async def _read_batch(self, positions: list[tuple[str, int]]) -> list[list[StreamChunk]]:
+        if len(positions) == 1:
+            [(run_id, after)] = positions
+            return [
+                await self._lane.retry_until_available(
+                    lambda connection: repository.read_chunks(
+                        connection, run_id, after=after, limit=self.batch
                     ),
                     max_delay=self._max_delay,
                 )
-        except BaseException as exc:
-            # close() cancelled us: the readers' own cancellation tells them so
-            error = exc if isinstance(exc, Exception) else RegistryClosedError()
-            for wanted in batch:
-                if not wanted.result.done():
-                    wanted.result.set_exception(error)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for wanted, page in zip(batch, pages, strict=True):
-            if not wanted.result.done():
-                wanted.result.set_result(page)
+            ]
+        return await self._lane.retry_until_available(
+            lambda connection: repository.read_chunk_batch(connection, positions, limit=self.batch),
+            max_delay=self._max_delay,
+        )
 
 
 class StreamSubscription:

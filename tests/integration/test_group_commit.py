@@ -1,6 +1,6 @@
 """Group commit of chunk appends: concurrent publishes to many runs share one statement and
-one wake-up, and each keeps its own answer (seqs, fencing, refusal) as if it went alone; and
-the reads of subscribers woken together share one round trip."""
+one wake-up, and each keeps its own answer (seqs, fencing, refusal) as if it went alone; the
+reads of subscribers woken together share one round trip; acks of many inboxes one statement."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from registry import (
     StreamClosedError,
     StreamConflictError,
     StreamSubscription,
+    ToolCallDecision,
     repository,
 )
 from registry.database import DriverConnection, asyncpg_dsn
@@ -297,3 +298,43 @@ async def test_subscribers_woken_together_read_together(
     assert got == [[b"one", b"two"]] * 30
     assert batches, "the reads went together"
     assert max(batches) > 1
+
+
+async def test_acks_of_many_inboxes_share_a_statement_and_keep_their_answers(
+    registry_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches: list[int] = []
+    ack_decisions = repository.ack_decisions
+
+    async def counted(
+        connection: DriverConnection, acks: Sequence[repository.Ack]
+    ) -> list[bool | None]:
+        batches.append(len(acks))
+        return await ack_decisions(connection, acks)
+
+    monkeypatch.setattr(repository, "ack_decisions", counted)
+    async with await RunRegistry.connect(registry_database_url, settings=SERIAL) as consumer:
+        handles = await bound(consumer, 6)
+        for handle in handles:
+            decision = ToolCallDecision.resume(f"call-{handle.run_id}", {"ok": True}, updated_at=1)
+            await consumer.forward_decisions_by_run_id(handle.run_id, [decision])
+        inboxes = [handle.decisions() for handle in handles]
+        async with asyncio.timeout(10):
+            deliveries = [await anext(inbox) for inbox in inboxes]
+        fenced = handles[-1]
+        async with plain_sql(registry_database_url) as sql:
+            await sql.execute(
+                "UPDATE runs SET owner_epoch = owner_epoch + 1 WHERE run_id = $1", fenced.run_id
+            )
+        results = await asyncio.gather(
+            *(inbox.ack(delivery) for inbox, delivery in zip(inboxes, deliveries, strict=True)),
+            inboxes[0].ack(deliveries[0]),  # the same delivery once more
+            return_exceptions=True,
+        )
+        assert results[:5] == [True] * 5
+        assert isinstance(results[5], LeaseLostError)
+        assert results[6] is False, "acknowledged once, by the first"
+        assert max(batches) > 1
+        async with plain_sql(registry_database_url) as sql:
+            statuses = await sql.fetch("SELECT run_id, status FROM decisions ORDER BY run_id")
+        assert [row["status"] for row in statuses] == ["acked"] * 5 + ["delivered"]
