@@ -76,6 +76,7 @@ from registry.console import (
     write_csv,
 )
 from registry.database import UNREACHABLE, driver_error
+from registry.distribution import DISTRIBUTION, installed_version
 from registry.embedded import embedded_status, stop_embedded
 from registry.errors import DatabaseError, InvalidInputError, RegistryError
 from registry.locate import (
@@ -154,7 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     invoke_without_command=True,
 )
-@click.version_option(package_name="registry", prog_name="registry")
+@click.version_option(
+    installed_version(), prog_name="registry", message=f"{DISTRIBUTION} %(version)s"
+)
 @database_option
 @click.option(
     "--connect-timeout",

@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "registry"
 
 #: Each module's layer: a module may import only modules of lower layers.
 LAYERS = {
+    "distribution": 0,
     "errors": 0,
     "notifications": 0,
     "models": 1,
