@@ -55,6 +55,7 @@ from registry.cli_base import (
     silence_stdout,
     unusable_argument,
 )
+from registry.cli_ops import alembic_ini_command, check_command
 from registry.console import (
     ChunkWriter,
     audit_table,
@@ -216,16 +217,21 @@ async def migrate_command(database_url: str | None, sql: bool) -> None:
 @database_option
 @json_option
 @async_command
-async def status_command(database_url: str | None, as_json: bool) -> None:
-    """Server version, schema revision against head, and runs and decisions by status."""
+async def status_command(database_url: str | None, as_json: bool) -> int:
+    """Server version, schema revision against head, and runs and decisions by status.
+
+    Exit 1 when the schema is behind this version's head (run `registry migrate`).
+    """
     location = await locate(database_url)
     status = await read_status(location)
     if as_json:
         print_json(status_json(location, status))
-        return
-    console = output_console()
-    for renderable in status_view(location, status):
-        console.print(renderable)
+    else:
+        console = output_console()
+        for renderable in status_view(location, status):
+            console.print(renderable)
+    behind = status.visible["schema"] and not status.schema.ready
+    return EXIT_FAILED if behind else EXIT_OK
 
 
 # --- runs -----------------------------------------------------------------------------------------
@@ -598,6 +604,12 @@ async def demo_command(database_url: str | None) -> int:
         return await locate(database_url, quiet=True)  # the demo says which database it uses
 
     return await demo.run_demo(find_database, connect_timeout=options().connect_timeout)
+
+
+# --- operations (registry.cli_ops) ---------------------------------------------------------------
+
+cli.add_command(check_command)
+cli.add_command(alembic_ini_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

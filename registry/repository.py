@@ -856,6 +856,15 @@ async def notify(connection: DriverConnection, payloads: Sequence[str]) -> None:
     await connection.execute(_NOTIFY, CHANNEL, list(payloads))
 
 
+_NOTIFY_PROBE = "SELECT pg_notify($1, $2)"
+
+
+async def notify_probe(connection: DriverConnection, channel: str, payload: str) -> None:
+    """NOTIFY ``payload`` on ``channel`` (a health check's own channel, never the registry's),
+    delivered on commit: at once on an autocommit connection."""
+    await connection.execute(_NOTIFY_PROBE, channel, payload)
+
+
 _READ_CHUNKS = """
     SELECT seq, data FROM stream_chunks WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3
 """

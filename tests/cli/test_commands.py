@@ -57,7 +57,7 @@ async def test_status_and_migrate(run_registry: RunRegistry, registry_database_u
     behind, refused = await asyncio.gather(
         registry("status", *url), registry("audit", "--format", "json", *url)
     )
-    assert behind.code == 0, str(behind)
+    assert behind.code == 1, str(behind)
     assert "0002" in behind.stdout
     assert "behind: run `registry migrate`" in behind.stdout
     assert_error(refused, 1, "schema is at 0002", "run `registry migrate`")

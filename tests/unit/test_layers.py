@@ -31,6 +31,7 @@ LAYERS = {
     "schema": 5,
     "watch": 5,
     "inbox": 6,
+    "health": 6,
     "inspection": 6,
     "locate": 6,
     "streams": 6,
@@ -42,7 +43,8 @@ LAYERS = {
     "testing": 10,
     "__init__": 11,
     "cli_base": 11,
-    "cli": 12,
+    "cli_ops": 12,
+    "cli": 13,
 }
 
 
