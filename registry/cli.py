@@ -405,18 +405,31 @@ async def cancel_command(
     help="First chunk to print.",
 )
 @click.option("-f", "--follow", is_flag=True, help="Keep printing live chunks until the run ends.")
+@click.option(
+    "--separator",
+    metavar="TEXT",
+    help="Written after each chunk's bytes; '' for the stream as it is.  [default: newline]",
+)
 @json_option
 @async_command
 async def tail_command(
-    database_url: str | None, run_id: str, from_seq: int, follow: bool, as_json: bool
+    database_url: str | None,
+    run_id: str,
+    from_seq: int,
+    follow: bool,
+    separator: str | None,
+    as_json: bool,
 ) -> None:
-    """Print a run's stream: its chunks' bytes as they are, or JSON lines with --json.
+    """Print a run's stream: each chunk's bytes and a newline (--separator), or JSON lines
+    with --json.
 
     With --follow, waits for new chunks and returns once the run has ended. Exit 1 if the run
     does not exist or has no stream (never opened, or pruned).
     """
+    if as_json and separator is not None:
+        raise click.UsageError("--separator goes with bytes, not with --json")
     location = await locate(database_url)
-    writer = ChunkWriter(as_json)
+    writer = ChunkWriter(as_json, ("\n" if separator is None else separator).encode())
     async with connected_registry(location, listen=follow) as registry:
         details = await registry.run_details(run_id)
         if details is None:

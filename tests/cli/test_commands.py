@@ -192,14 +192,18 @@ async def test_tail_prints_the_stream(
     await empty.bind_stream_fanout()
     await run_registry.register("run-3", "agent-a", "thread-3")
 
-    whole, tail_json, nothing_yet, no_stream = await asyncio.gather(
+    whole, framed, separated, tail_json, nothing_yet, no_stream = await asyncio.gather(
+        registry("tail", "run-1", "--separator", "", *url),
         registry("tail", "run-1", *url),
+        registry("tail", "run-1", "--separator", "\n--\n", *url),
         registry("tail", "run-1", "--from", "3", "--json", *url),
         registry("tail", "run-2", *url),
         registry("tail", "run-3", *url),
     )
     assert whole.code == 0, str(whole)
     assert whole.output == b"".join(chunks)
+    assert framed.output == b"".join(chunk + b"\n" for chunk in chunks), str(framed)
+    assert separated.output == b"".join(chunk + b"\n--\n" for chunk in chunks), str(separated)
     assert tail_json.json_lines() == [
         {"seq": 3, "data": "wörld"},
         {"seq": 4, "data_base64": "//4="},
@@ -245,6 +249,27 @@ async def test_tail_follow_prints_live_chunks_until_the_run_ends(
         {"seq": 4, "data": "four"},
         {"seq": 5, "data": "five"},
     ]
+
+
+async def test_tail_follow_without_json_ends_each_chunk_with_a_newline(
+    run_registry: RunRegistry, registry_database_url: str
+) -> None:
+    handle = await run_registry.register("run-1", "agent-a", "thread-1")
+    await handle.bind_stream_fanout()
+    await handle.publish(b"one")
+    process = await start("tail", "run-1", "--follow", "--database-url", registry_database_url)
+    assert process.stdout is not None
+    try:
+        assert await asyncio.wait_for(process.stdout.readline(), 30) == b"one\n"
+        await handle.publish_many([b"two", b"three"])
+        await handle.remove()
+        rest, err = await asyncio.wait_for(process.communicate(), WAKE_DEADLINE)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.communicate()
+    assert process.returncode == 0, err
+    assert rest == b"two\nthree\n"
 
 
 async def test_audit_reads_the_view(run_registry: RunRegistry, registry_database_url: str) -> None:
