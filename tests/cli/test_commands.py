@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,17 @@ async def decisions_of(url: str, run_id: str) -> list[dict[str, Any]]:
     """The run's decision rows, read directly."""
     async with admin_connection(url) as connection:
         return await repository.decisions_of_run(connection, run_id)
+
+
+@contextlib.asynccontextmanager
+async def killed_unless_done(process: asyncio.subprocess.Process) -> AsyncIterator[None]:
+    """Kill and reap ``process`` when the block exits before it ended (a failed check)."""
+    try:
+        yield
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.communicate()
 
 
 def decision(target_id: str, decision_id: str = "", action: str = "resume") -> dict[str, object]:
@@ -230,7 +243,7 @@ async def test_tail_follow_prints_live_chunks_until_the_run_ends(
         registry_database_url,
     )
     assert process.stdout is not None
-    try:
+    async with killed_unless_done(process):
         # the replayed chunk shows the follower is subscribed; what follows arrives live
         first = await asyncio.wait_for(process.stdout.readline(), 30)
         assert json.loads(first) == {"seq": 2, "data": "two"}
@@ -238,10 +251,6 @@ async def test_tail_follow_prints_live_chunks_until_the_run_ends(
         await handle.publish(b"five")
         await handle.remove()
         rest, err = await asyncio.wait_for(process.communicate(), WAKE_DEADLINE)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.communicate()
     assert process.returncode == 0, err
     lines = [json.loads(line) for line in rest.decode().splitlines()]
     assert lines == [
@@ -259,15 +268,11 @@ async def test_tail_follow_without_json_ends_each_chunk_with_a_newline(
     await handle.publish(b"one")
     process = await start("tail", "run-1", "--follow", "--database-url", registry_database_url)
     assert process.stdout is not None
-    try:
+    async with killed_unless_done(process):
         assert await asyncio.wait_for(process.stdout.readline(), 30) == b"one\n"
         await handle.publish_many([b"two", b"three"])
         await handle.remove()
         rest, err = await asyncio.wait_for(process.communicate(), WAKE_DEADLINE)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.communicate()
     assert process.returncode == 0, err
     assert rest == b"two\nthree\n"
 

@@ -44,6 +44,7 @@ LAYERS = {
     "__init__": 11,
     "cli_base": 11,
     "cli_ops": 12,
+    "cli_streams": 12,
     "cli": 13,
 }
 
