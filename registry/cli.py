@@ -55,7 +55,7 @@ from registry.cli_base import (
     silence_stdout,
     unusable_argument,
 )
-from registry.cli_ops import alembic_ini_command, check_command
+from registry.cli_ops import alembic_ini_command, check_command, doctor_command
 from registry.cli_streams import prune_command, tail_command
 from registry.console import (
     audit_table,
@@ -526,6 +526,7 @@ async def demo_command(database_url: str | None) -> int:
 # --- operations (registry.cli_ops) ---------------------------------------------------------------
 
 cli.add_command(check_command)
+cli.add_command(doctor_command)
 cli.add_command(alembic_ini_command)
 
 # --- streams (registry.cli_streams) ---------------------------------------------------------------

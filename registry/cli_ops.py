@@ -1,11 +1,16 @@
-"""The ``registry`` commands for operators and deployments: ``check`` (a health probe) and
-``alembic-ini`` (what the ``alembic`` command needs to run the packaged migrations).
+"""The ``registry`` commands for operators and deployments: ``check`` (a health probe),
+``doctor`` (state left stranded) and ``alembic-ini`` (what the ``alembic`` command needs to
+run the packaged migrations).
 
 :mod:`registry.cli` adds them to its group; what they share with the other commands (options,
 exit codes, finding the database) comes from :mod:`registry.cli_base`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
 
 import click
 
@@ -19,9 +24,11 @@ from registry.cli_base import (
     json_option,
     locate,
     options,
+    parsed_by,
 )
-from registry.console import print_json, printable
+from registry.console import format_duration, parse_duration, print_json, printable
 from registry.distribution import DISTRIBUTION, installed_version
+from registry.doctor import Finding, Thresholds, diagnose
 from registry.health import check_health
 from registry.schema import migrations_directory
 
@@ -63,6 +70,81 @@ async def check_command(database_url: str | None, seconds: float | None, as_json
                 detail += f" ({location.display_url})"
             click.echo(f"{'ok' if check.ok else 'FAIL':<4}  {check.name:<8}  {printable(detail)}")
     return EXIT_OK if healthy else EXIT_FAILED
+
+
+_DEFAULTS = Thresholds()
+
+
+def _threshold(
+    name: str, default: timedelta, what: str
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        f"--{name}",
+        name.replace("-", "_"),
+        callback=parsed_by(parse_duration),
+        default=format_duration(default),
+        show_default=True,
+        metavar="DURATION",
+        help=what,
+    )
+
+
+@click.command("doctor")
+@database_option
+@_threshold("lease-grace", _DEFAULTS.lease_grace, "An active run's lease expired this long ago.")
+@_threshold("cancel-grace", _DEFAULTS.cancel_grace, "A cancel was requested this long ago.")
+@_threshold("ack-grace", _DEFAULTS.ack_grace, "A decision was delivered this long ago.")
+@_threshold("retention", _DEFAULTS.retention, "A run ended this long ago, stream kept.")
+@json_option
+@async_command
+async def doctor_command(
+    database_url: str | None,
+    lease_grace: timedelta,
+    cancel_grace: timedelta,
+    ack_grace: timedelta,
+    retention: timedelta,
+    as_json: bool,
+) -> int:
+    """Find state left stranded: exit 0 when there is none, 1 otherwise.
+
+    One line per invariant, with a count, the oldest offenders and the fix: active runs whose
+    lease expired long ago (no live owner), cancels requested long ago on runs still active,
+    decisions delivered long ago and never acknowledged, streams of runs that ended long ago.
+    Read-only.
+    """
+    location = await locate(database_url)
+    thresholds = Thresholds(lease_grace, cancel_grace, ack_grace, retention)
+    findings = await diagnose(location.url, thresholds, connect_timeout=options().connect_timeout)
+    if as_json:
+        print_json(
+            {
+                "database": location.display_url,
+                "healthy": all(finding.ok for finding in findings),
+                "invariants": [
+                    {
+                        "name": finding.name,
+                        "ok": finding.ok,
+                        "count": finding.count,
+                        "examples": finding.examples,
+                        "fix": None if finding.ok else finding.fix,
+                    }
+                    for finding in findings
+                ],
+            }
+        )
+    else:
+        for finding in findings:
+            click.echo(printable(_finding_line(finding)))
+    return EXIT_OK if all(finding.ok for finding in findings) else EXIT_FAILED
+
+
+def _finding_line(finding: Finding) -> str:
+    state = "ok" if finding.ok else "FAIL"
+    line = f"{state:<4}  {finding.name}: {finding.count} {finding.description}"
+    if finding.ok:
+        return line
+    more = ", ..." if finding.count > len(finding.examples) else ""
+    return f"{line} (e.g. {', '.join(finding.examples)}{more}); fix: {finding.fix}"
 
 
 @click.command("alembic-ini")

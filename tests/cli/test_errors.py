@@ -18,7 +18,7 @@ from registry.cli import main
 from tests.cli.runner import assert_error, registry
 
 COMMANDS = (
-    *("alembic-ini", "audit", "cancel", "check", "db", "demo", "forward", "migrate"),
+    *("alembic-ini", "audit", "cancel", "check", "db", "demo", "doctor", "forward", "migrate"),
     *("prune", "run", "runs", "status", "tail"),
 )
 

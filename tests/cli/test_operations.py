@@ -10,7 +10,8 @@ from pathlib import Path
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-from registry import downgrade
+from registry import RunRegistry, ToolCallDecision, downgrade
+from registry.database import admin_connection
 from registry.distribution import DISTRIBUTION
 from registry.schema import current_revision, head_revision, migrations_directory
 from tests.cli.runner import registry
@@ -112,3 +113,72 @@ async def test_alembic_ini_runs_the_packaged_migrations(
     assert await current_revision(registry_database_url) == "0002"
     await alembic("upgrade", "head")
     assert await current_revision(registry_database_url) == head_revision()
+
+
+#: what ages each stranded state past the doctor's default thresholds
+AGED = [
+    "UPDATE runs SET lease_expires_at = now() - interval '1 hour' WHERE run_id = 'run-lease'",
+    "UPDATE runs SET cancel_requested_at = now() - interval '1 hour' WHERE run_id = 'run-cancel'",
+    "UPDATE decisions SET delivered_at = now() - interval '1 day' WHERE run_id = 'run-unacked'",
+    "UPDATE runs SET ended_at = now() - interval '30 days' WHERE run_id = 'run-stream'",
+]
+
+
+async def test_doctor_names_each_stranded_state(registry_database_url: str) -> None:
+    url = ("--database-url", registry_database_url)
+    # a worker that leaves one of each behind, then goes away
+    async with await RunRegistry.connect(registry_database_url, worker_id="gone") as gone:
+        await gone.register("run-lease", "agent", "thread-1")
+        await gone.register("run-cancel", "agent", "thread-2")
+        assert await gone.cancel_active_run_by_id("run-cancel")
+        unacked = await gone.register("run-unacked", "agent", "thread-3")
+        approval = ToolCallDecision.resume("call-1", {"approved": True}, updated_at=1732400000000)
+        assert await gone.forward_decisions_by_run_id("run-unacked", [approval]) is not None
+        async with unacked.decisions() as inbox, asyncio.timeout(10):
+            async for _delivery in inbox:
+                break  # delivered, never acknowledged
+        streamed = await gone.register("run-stream", "agent", "thread-4")
+        await streamed.bind_stream_fanout()
+        await streamed.publish(b"chunk")
+        assert await streamed.remove()
+
+    fresh = await registry("doctor", *url)
+    assert fresh.code == 0, str(fresh)
+    assert [line.split()[:2] for line in fresh.stdout.splitlines()] == [
+        ["ok", "expired_leases:"],
+        ["ok", "stale_cancels:"],
+        ["ok", "unacknowledged_decisions:"],
+        ["ok", "unpruned_streams:"],
+    ], str(fresh)
+
+    async with admin_connection(registry_database_url) as connection:
+        for statement in AGED:
+            await connection.execute(statement)
+    stranded, tolerant = await asyncio.gather(
+        registry("doctor", *url), registry("doctor", "--retention", "60d", "--json", *url)
+    )
+    assert stranded.code == 1, str(stranded)
+    lines = stranded.stdout.splitlines()
+    expected = [
+        ("expired_leases", "run-lease", "adopt_orphaned_runs()"),
+        ("stale_cancels", "run-cancel", "handle.remove()"),
+        ("unacknowledged_decisions", "run-unacked/call-1", "inbox.ack(delivery)"),
+        ("unpruned_streams", "run-stream", "registry prune --older-than"),
+    ]
+    assert len(lines) == len(expected), str(stranded)
+    for line, (name, example, fix) in zip(lines, expected, strict=True):
+        assert line.startswith(f"FAIL  {name}: 1 "), line
+        assert f"(e.g. {example}); fix: " in line, line
+        assert fix in line, line
+
+    # a longer retention lets the ended run's stream be; the rest still fail
+    assert tolerant.code == 1, str(tolerant)
+    report = {item["name"]: item for item in tolerant.json()["invariants"]}
+    assert report["unpruned_streams"] == {
+        "name": "unpruned_streams",
+        "ok": True,
+        "count": 0,
+        "examples": [],
+        "fix": None,
+    }
+    assert report["expired_leases"]["examples"] == ["run-lease"]

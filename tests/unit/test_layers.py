@@ -31,6 +31,7 @@ LAYERS = {
     "schema": 5,
     "watch": 5,
     "inbox": 6,
+    "doctor": 6,
     "health": 6,
     "inspection": 6,
     "locate": 6,
