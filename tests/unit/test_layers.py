@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "registry"
 #: Each module's layer: a module may import only modules of lower layers.
 LAYERS = {
     "batching": 0,
+    "distribution": 0,
     "errors": 0,
     "notifications": 0,
     "models": 1,
@@ -31,6 +32,8 @@ LAYERS = {
     "schema": 5,
     "watch": 5,
     "inbox": 6,
+    "doctor": 6,
+    "health": 6,
     "inspection": 6,
     "locate": 6,
     "publisher": 6,
@@ -43,7 +46,9 @@ LAYERS = {
     "testing": 10,
     "__init__": 11,
     "cli_base": 11,
-    "cli": 12,
+    "cli_ops": 12,
+    "cli_streams": 12,
+    "cli": 13,
 }
 
 
