@@ -39,7 +39,9 @@ class Batcher(Generic[_Item, _Result]):
     With ``key``, a batch holds at most one item per key and an item waits while an earlier
     one of its key is in flight, so the items of one key are sent in the order submitted
     (one run's appends, say). ``cut_short`` makes the exception for callers whose statement
-    was cancelled under them (the registry closing).
+    was cancelled under them (the registry closing). When ``send`` raises an exception that
+    ``split`` accepts (the server refused the statement, say), each item of a batch of
+    several is sent again alone, so that only the one at fault gets the error.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class Batcher(Generic[_Item, _Result]):
         max_items: int,
         cut_short: Callable[[], BaseException],
         key: Callable[[_Item], Hashable] | None = None,
+        split: Callable[[Exception], bool] | None = None,
         weight: Callable[[_Item], int] | None = None,
         max_weight: int = 0,
         name: str = "registry-batch",
@@ -59,6 +62,7 @@ class Batcher(Generic[_Item, _Result]):
         self._max_items = max_items
         self._cut_short = cut_short
         self._key = key
+        self._split = split
         self._weight = weight
         self._max_weight = max_weight
         self._name = name
@@ -141,7 +145,7 @@ class Batcher(Generic[_Item, _Result]):
 
     async def _run(self, batch: list[_Call[_Item, _Result]]) -> None:
         try:
-            outcomes = await self._send([call.item for call in batch])
+            outcomes = await self._outcomes([call.item for call in batch])
         except asyncio.CancelledError:
             for call in batch:
                 _settle(call.done, self._cut_short())
@@ -156,6 +160,20 @@ class Batcher(Generic[_Item, _Result]):
             if self._key is not None:
                 key = self._key
                 self._busy.difference_update(key(call.item) for call in batch)
+
+    async def _outcomes(self, items: list[_Item]) -> Sequence[Outcome[_Result]]:
+        try:
+            return await self._send(items)
+        except Exception as exc:
+            if len(items) == 1 or self._split is None or not self._split(exc):
+                raise
+        outcomes: list[Outcome[_Result]] = []
+        for item in items:
+            try:
+                outcomes.extend(await self._send([item]))
+            except Exception as alone:
+                outcomes.append(alone)
+        return outcomes
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._statements.discard(task)

@@ -313,3 +313,9 @@ async def converge(call: Callable[[], Awaitable[_T]]) -> _T:
             raise
         logger.info("retrying a write whose outcome is unknown (%s)", exc)
         return await call()
+
+
+def refused_by_server(error: Exception) -> bool:
+    """Whether the server refused a statement for what it held (a constraint, a trigger): a
+    :class:`DatabaseError` that is not transient, so another statement may well succeed."""
+    return isinstance(error, DatabaseError) and not error.is_transient

@@ -22,11 +22,9 @@ from dataclasses import dataclass
 
 from registry import repository
 from registry.batching import Batcher
-from registry.connections import ConnectionLane, converge
+from registry.connections import ConnectionLane, converge, refused_by_server
 from registry.database import DriverConnection
 from registry.errors import (
-    DatabaseError,
-    DatabaseUnavailableError,
     LeaseLostError,
     OutcomeUnknownError,
     RegistryClosedError,
@@ -103,6 +101,8 @@ class ChunkPublisher:
             max_items=MAX_BATCH_RUNS,
             # one run's appends commit in call order: one at a time, oldest first
             key=lambda append: append.run_id,
+            # a statement the server refused: each append alone, for its own answer
+            split=refused_by_server,
             weight=lambda append: append.size,
             max_weight=MAX_BATCH_BYTES,
             cut_short=lambda: OutcomeUnknownError(
@@ -156,25 +156,13 @@ class ChunkPublisher:
         first = last_seq - len(chunks) + 1
         return list(range(first, last_seq + 1))
 
-    async def _send(self, batch: list[_Append]) -> list[int | BaseException | None]:
+    async def _send(self, batch: list[_Append]) -> list[int | None]:
         key = await self._keyring.get()
         now = asyncio.get_running_loop().time()
         due = [self._due(append.run_id, now) for append in batch]
-        outcomes: list[int | BaseException | None]
-        try:
-            outcomes = list(await self._statement(batch, due, key))
-        except DatabaseError as exc:
-            if len(batch) == 1 or exc.is_transient or isinstance(exc, DatabaseUnavailableError):
-                raise
-            # the server refused the statement: each append alone, for its own answer
-            outcomes = []
-            for append, notify in zip(batch, due, strict=True):
-                try:
-                    outcomes.extend(await self._statement([append], [notify], key))
-                except DatabaseError as alone:
-                    outcomes.append(alone)
+        outcomes = await self._statement(batch, due, key)
         for append, notify, outcome in zip(batch, due, outcomes, strict=True):
-            if isinstance(outcome, int):
+            if outcome is not None:
                 self._committed(append.run_id, outcome, notify=notify, now=now)
         return outcomes
 

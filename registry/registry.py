@@ -18,6 +18,7 @@ from typing import TypeVar
 from registry import repository
 from registry.connections import converge
 from registry.database import DriverConnection, asyncpg_dsn
+from registry.forwarding import DecisionForwarder
 from registry.handle import RunHandle, RunParts
 from registry.inspection import RegistryInspector
 from registry.listener import Listener
@@ -64,6 +65,10 @@ class RunRegistry(RegistryInspector):
         listen_dsn = dsn if listen_dsn is None else listen_dsn
         self._parts = RunParts(
             self, self._lane, dsn=listen_dsn, worker_id=worker_id, settings=settings
+        )
+        # forwards to many runs at once share statements (group commit)
+        self._forwarder = DecisionForwarder(
+            self._lane, self._parts.keyring, concurrency=max(1, settings.pool_size // 2)
         )
 
     @classmethod
@@ -213,8 +218,8 @@ class RunRegistry(RegistryInspector):
         check_id("agent_id", agent_id)
         check_id("thread_id", thread_id)
         batch, results = self._check_decisions(decisions)
-        result = await self._write(
-            lambda c, key: repository.forward_by_thread(c, agent_id, thread_id, batch, results, key)
+        result = await self._forwarder.forward(
+            repository.Forward(batch, results, thread_id=thread_id, agent_id=agent_id)
         )
         return None if result is None else ForwardedDecision(result.thread_id, result.run_id)
 
@@ -229,9 +234,7 @@ class RunRegistry(RegistryInspector):
         """
         check_id("run_id", run_id)
         batch, results = self._check_decisions(decisions)
-        result = await self._write(
-            lambda c, key: repository.forward_by_run_id(c, run_id, batch, results, key)
-        )
+        result = await self._forwarder.forward(repository.Forward(batch, results, run_id=run_id))
         return None if result is None else ForwardedDecision(result.thread_id, result.run_id)
 
     def _check_decisions(self, decisions: object) -> tuple[list[ToolCallDecision], list[str]]:

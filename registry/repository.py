@@ -596,6 +596,92 @@ async def forward_by_thread(
     return _forward_result(row)
 
 
+# Many forwards (each to another run) in one statement: one commit, one turn of the
+# notification lock. The runs' rows are locked in run id order, as the other statements that
+# lock several runs do; each run's decisions are inserted in their forward's order.
+_FORWARD_BATCH = f"""
+    WITH request AS (
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+               WITH ORDINALITY AS request(run_id, thread_id, agent_id, ord)
+    ), run AS MATERIALIZED (
+        SELECT request.ord, runs.run_id, runs.thread_id, runs.agent_id
+          FROM request JOIN runs ON {{run_match}}
+         WHERE runs.status = 'active'
+         ORDER BY runs.run_id
+           FOR SHARE OF runs
+    ), inserted AS (
+        INSERT INTO decisions (run_id, thread_id, agent_id, decision_id, target_id, action,
+                               result, reason, decision_updated_at)
+        SELECT run.run_id, run.thread_id, run.agent_id, d.decision_id, d.target_id,
+               d.action, d.result::jsonb, d.reason, d.updated_at
+          FROM run
+          JOIN unnest($4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],
+                      $10::bigint[])
+               WITH ORDINALITY
+               AS d(request, decision_id, target_id, action, result, reason, updated_at, ord)
+            ON d.request = run.ord
+         ORDER BY d.ord
+        ON CONFLICT (run_id, decision_id) WHERE decision_id <> '' DO NOTHING
+        RETURNING run_id
+    ), counted AS (
+        SELECT run_id, count(*) AS inserted FROM inserted GROUP BY run_id
+    ), payload AS (
+        SELECT json_build_object('kind', $12::text, 'id', run_id)::text AS body FROM counted
+    ), notified AS (
+        SELECT pg_notify($11, {_signed("body", 13, 14)}) FROM payload
+    )
+    SELECT run.ord, run.run_id, run.thread_id, coalesce(counted.inserted, 0) AS inserted,
+           (SELECT count(*) FROM notified) AS notified
+      FROM run LEFT JOIN counted USING (run_id)
+"""
+_FORWARD_BATCH_BY_RUN_ID = _FORWARD_BATCH.replace("{run_match}", "runs.run_id = request.run_id")
+_FORWARD_BATCH_BY_THREAD = _FORWARD_BATCH.replace(
+    "{run_match}", "runs.thread_id = request.thread_id AND runs.agent_id = request.agent_id"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """One forward for :func:`forward_batch`: ``decisions`` (with each ``result`` already JSON
+    text in ``results``) for the active run ``run_id``, or, without it, for the active run of
+    ``thread_id`` if ``agent_id`` owns it."""
+
+    decisions: Sequence[ToolCallDecision]
+    results: Sequence[str]
+    run_id: str | None = None
+    thread_id: str | None = None
+    agent_id: str | None = None
+
+
+async def forward_batch(
+    connection: DriverConnection, forwards: Sequence[Forward], key: NotificationKey
+) -> list[ForwardResult | None]:
+    """Several forwards in one statement, all by run id or all by thread, each to another run;
+    each one's result in order, as :func:`forward_by_run_id` and :func:`forward_by_thread`
+    give it (``None`` where there was no such active run)."""
+    by_thread = forwards[0].run_id is None
+    if any((forward.run_id is None) is not by_thread for forward in forwards):
+        raise ValueError("a forward batch is all by run id or all by thread")
+    requests: list[int] = []
+    for index, forward in enumerate(forwards, start=1):
+        requests.extend([index] * len(forward.decisions))
+    decisions = [decision for forward in forwards for decision in forward.decisions]
+    rows = await connection.fetch(
+        _FORWARD_BATCH_BY_THREAD if by_thread else _FORWARD_BATCH_BY_RUN_ID,
+        [forward.run_id for forward in forwards],
+        [forward.thread_id for forward in forwards],
+        [forward.agent_id for forward in forwards],
+        requests,
+        *_forward_arguments(
+            decisions, [result for forward in forwards for result in forward.results], key
+        ),
+    )
+    results: list[ForwardResult | None] = [None] * len(forwards)
+    for row in rows:
+        results[row["ord"] - 1] = _forward_result(row)
+    return results
+
+
 # With an epoch, the claim first locks the run's row FOR KEY SHARE under that epoch: an
 # adopter's row lock (FOR UPDATE) makes it wait, and once the adoption commits the re-checked
 # row no longer matches, so nothing is claimed under a lost lease.

@@ -338,3 +338,84 @@ async def test_acks_of_many_inboxes_share_a_statement_and_keep_their_answers(
         async with plain_sql(registry_database_url) as sql:
             statuses = await sql.fetch("SELECT run_id, status FROM decisions ORDER BY run_id")
         assert [row["status"] for row in statuses] == ["acked"] * 5 + ["delivered"]
+
+
+def resume(target_id: str, decision_id: str = "") -> ToolCallDecision:
+    return ToolCallDecision.resume(target_id, {"ok": True}, updated_at=1, decision_id=decision_id)
+
+
+def three(run_id: str) -> list[ToolCallDecision]:
+    return [resume(f"{run_id}-{n}") for n in "xyz"]
+
+
+async def test_forwards_to_many_runs_share_a_statement_and_keep_their_answers(
+    registry_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sizes: list[int] = []
+    forward_batch = repository.forward_batch
+
+    async def counted(
+        connection: DriverConnection, forwards: Sequence[repository.Forward], key: object
+    ) -> list[repository.ForwardResult | None]:
+        sizes.append(len(forwards))
+        return await forward_batch(connection, forwards, key)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(repository, "forward_batch", counted)
+    async with await RunRegistry.connect(registry_database_url, settings=SERIAL) as runs:
+        handles = await bound(runs, 4)
+        ended = handles[-1]
+        assert await runs.remove_by_run_id(ended.run_id)
+        lead = runs.forward_decisions_by_run_id(handles[0].run_id, [resume("lead")])
+        results = await asyncio.gather(
+            lead,
+            *(
+                runs.forward_decisions_by_run_id(
+                    h.run_id, [resume(f"{h.run_id}-{n}") for n in "xyz"]
+                )
+                for h in handles[1:]
+            ),
+            runs.forward_decisions_by_thread("agent-a", "thread-0", [resume("by-thread")]),
+            runs.forward_decisions_by_thread("agent-b", "thread-1", [resume("not-yours")]),
+            runs.forward_decisions_by_thread("agent-a", "thread-2", [resume("by-thread-2")]),
+        )
+        assert [None if r is None else r.run_id for r in results] == [
+            "run-0",
+            "run-1",
+            "run-2",
+            None,
+            "run-0",
+            None,
+            "run-2",
+        ]
+        assert max(sizes) > 1
+        for handle, expected in [
+            (handles[0], ["lead", "by-thread"]),
+            (handles[1], ["run-1-x", "run-1-y", "run-1-z"]),
+            (handles[2], ["run-2-x", "run-2-y", "run-2-z", "by-thread-2"]),
+        ]:
+            inbox = handle.decisions()
+            async with asyncio.timeout(10):
+                got = [(await anext(inbox)).decision.target_id for _ in expected]
+            assert got == expected, "each forward's decisions in order, all delivered"
+        async with plain_sql(registry_database_url) as sql:
+            assert await sql.fetchval("SELECT count(*) FROM decisions") == 9
+
+
+async def test_a_retried_forward_in_a_batch_stores_its_decisions_once(
+    run_registry: RunRegistry,
+) -> None:
+    handles = await bound(run_registry, 3)
+    calls = [
+        run_registry.forward_decisions_by_run_id(h.run_id, [resume("t", decision_id="once")])
+        for h in handles
+        for _attempt in range(2)
+    ]
+    assert all(result is not None for result in await asyncio.gather(*calls))
+    for handle in handles:
+        inbox = handle.decisions()
+        async with asyncio.timeout(10):
+            delivery = await anext(inbox)
+        assert delivery.decision.decision_id == "once"
+        assert await inbox.ack(delivery)
+    decisions = await run_registry.decisions_of_run(handles[0].run_id)
+    assert len(decisions) == 1

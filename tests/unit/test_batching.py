@@ -156,3 +156,28 @@ async def test_cancelled_statements_answer_their_callers_with_cut_short() -> Non
         await waiting
     await sender.drain(5)
     assert sender.in_flight == 0
+
+
+async def test_a_refused_statement_is_split_so_only_the_item_at_fault_fails() -> None:
+    batches: list[list[str]] = []
+
+    async def refuses_poison(items: list[str]) -> Sequence[Outcome[str]]:
+        batches.append(items)
+        if "poison" in items:
+            raise LookupError("refused")
+        return [item.upper() for item in items]
+
+    sender: Batcher[str, str] = Batcher(
+        refuses_poison,
+        concurrency=1,
+        max_items=10,
+        cut_short=lambda: RuntimeError("cut"),
+        split=lambda error: isinstance(error, LookupError),
+    )
+    calls = [asyncio.ensure_future(sender.submit(item)) for item in ["lead", "a", "poison", "b"]]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert results[0] == "LEAD"
+    assert results[1] == "A"
+    assert isinstance(results[2], LookupError)
+    assert results[3] == "B"
+    assert batches == [["lead"], ["a", "poison", "b"], ["a"], ["poison"], ["b"]]

@@ -31,6 +31,7 @@ LAYERS = {
     "listener": 5,
     "schema": 5,
     "watch": 5,
+    "forwarding": 6,
     "inbox": 6,
     "doctor": 6,
     "health": 6,
