@@ -5,7 +5,7 @@ one exception is a small stream chunk, which may ride inline, sealed, so that a 
 is exactly caught up needs no query. The wire format, on channel :data:`CHANNEL`, is 64 hex
 digits of HMAC-SHA256 over the JSON text, then the JSON text::
 
-    {"kind": "decision" | "cancel" | "superseded" | "ended", "id": <run_id>}
+    {"kind": "decision" | "cancel" | "superseded" | "ended" | "active", "id": <run_id>}
     {"kind": "chunk", "id": <run_id>, "seq": <newest seq>, "data": <sealed> | null}
 
 Anyone who may connect to the database may NOTIFY on any channel and LISTEN to it (PostgreSQL
@@ -57,6 +57,8 @@ class NotificationKind(enum.StrEnum):
     CANCEL = "cancel"
     SUPERSEDED = "superseded"
     ENDED = "ended"
+    #: a queued run became the thread's active run
+    ACTIVE = "active"
     CHUNK = "chunk"
 
 

@@ -35,13 +35,14 @@ LAYERS = {
     "streams": 6,
     "upkeep": 6,
     "handle": 7,
-    "registry": 8,
-    "console": 9,
-    "demo": 10,
-    "testing": 10,
-    "__init__": 11,
-    "cli_base": 11,
-    "cli": 12,
+    "scope": 8,
+    "registry": 9,
+    "console": 10,
+    "demo": 11,
+    "testing": 11,
+    "__init__": 12,
+    "cli_base": 12,
+    "cli": 13,
 }
 
 
