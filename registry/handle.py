@@ -141,7 +141,13 @@ class RunParts:
         key = await self.keyring.get()
         async with self._lane.transaction() as connection:
             ended = await repository.end_run(
-                connection, lease.run_id, key, epoch=lease.epoch, outcome=outcome, reason=reason
+                connection,
+                lease.run_id,
+                key,
+                lease=self.leases.lease,
+                epoch=lease.epoch,
+                outcome=outcome,
+                reason=reason,
             )
             taken = not ended and await repository.owner_epoch_of(connection, lease.run_id)
         if taken:

@@ -287,7 +287,9 @@ class RunRegistry(RegistryInspector):
         check_id("run_id", run_id)
         key = await self._key()
         async with self._lane.transaction() as connection:
-            ended = await repository.end_run(connection, run_id, key)
+            ended = await repository.end_run(
+                connection, run_id, key, lease=self._parts.leases.lease
+            )
         self._parts.leases.let_go(run_id)
         return ended
 

@@ -220,6 +220,7 @@ async def end_run(
     run_id: str,
     key: NotificationKey,
     *,
+    lease: timedelta,
     epoch: int | None = None,
     outcome: RunOutcome | None = None,
     reason: str | None = None,
@@ -227,7 +228,8 @@ async def end_run(
     """Finish an active run inside the caller's transaction, as ``outcome`` with ``reason``
     (default: the outcome's name); without ``outcome``, ``cancelled`` if a cancel was
     requested, else ``completed``. Its open decisions are dropped with an ``ended``
-    notification, and the oldest run queued on its thread becomes active. ``False`` (nothing
+    notification, and the oldest run queued on its thread becomes active (with ``lease``, see
+    :func:`promote_next`). ``False`` (nothing
     written) if the run was not active, or, with ``epoch``, is held under another owner epoch
     (tell the two apart with :func:`owner_epoch_of`)."""
     thread_id = await _lock_thread_of(connection, run_id)
@@ -238,7 +240,7 @@ async def end_run(
         return False
     dropped = f"run {run_id} ended"
     await drop_open_decisions_and_notify(connection, run_id, dropped, NotificationKind.ENDED, key)
-    await promote_next(connection, thread_id, key)
+    await promote_next(connection, thread_id, lease, key)
     return True
 
 
@@ -251,7 +253,8 @@ _PROMOTE_NEXT = f"""
          ORDER BY queued_at, run_id
          LIMIT 1
     ), promoted AS (
-        UPDATE runs SET status = 'active', updated_at = now()
+        UPDATE runs SET status = 'active', updated_at = now(),
+               lease_expires_at = now() + $6::interval
           FROM next
          WHERE runs.run_id = next.run_id AND runs.status = 'queued'
         RETURNING runs.run_id
@@ -260,13 +263,14 @@ _PROMOTE_NEXT = f"""
 
 
 async def promote_next(
-    connection: DriverConnection, thread_id: str, key: NotificationKey
+    connection: DriverConnection, thread_id: str, lease: timedelta, key: NotificationKey
 ) -> str | None:
     """Make the oldest queued run of the thread active if the thread has no active run, with
     an ``active`` notification; return its id. The caller holds the thread's lock (see
-    :func:`register_run`). The run keeps its owner, epoch and lease."""
+    :func:`register_run`). The run keeps its owner and epoch, and gets a lease of ``lease``
+    (its owner renews it from then on; an owner gone lets it be adopted)."""
     row = await connection.fetchrow(
-        _PROMOTE_NEXT, thread_id, *_notify_each_arguments(NotificationKind.ACTIVE, key)
+        _PROMOTE_NEXT, thread_id, *_notify_each_arguments(NotificationKind.ACTIVE, key), lease
     )
     return None if row is None else str(row["run_id"])
 
@@ -431,7 +435,7 @@ _RENEW_LEASES = """
     UPDATE runs SET lease_expires_at = now() + $3::interval
       FROM unnest($1::text[], $2::bigint[]) AS held(run_id, epoch)
      WHERE runs.run_id = held.run_id AND runs.owner_epoch = held.epoch
-       AND runs.status IN ('active', 'queued')
+       AND runs.status = 'active'
     RETURNING runs.run_id
 """
 
@@ -440,8 +444,11 @@ async def renew_leases(
     connection: DriverConnection, held: Mapping[str, int], lease: timedelta
 ) -> set[str]:
     """Extend the lease of each run in ``held`` (run id to owner epoch) that is still active
-    or queued under that epoch, in one statement; return the ids renewed. A run missing from
-    the result has ended, or another registry took it (see :func:`held_run_states`)."""
+    under that epoch, in one statement; return the ids renewed. A run missing from the result
+    has ended, is still queued, or another registry took it (see :func:`held_run_states`).
+
+    Queued runs are left alone: a promotion gives them a fresh lease, and locking them here
+    could close a cycle with an end that promotes (its run's row, then the queued one)."""
     rows = await connection.fetch(_RENEW_LEASES, list(held), list(held.values()), lease)
     return {row["run_id"] for row in rows}
 
@@ -485,8 +492,7 @@ _RESUME_OWNED = f"""
      WHERE run_id IN (
             -- FOR UPDATE: it waits for claims and acks in flight under the old epoch (they
             -- lock the row FOR KEY SHARE, which a plain UPDATE would not wait for)
-            SELECT run_id FROM runs
-             WHERE owner_id = $1 AND status IN ('active', 'queued') FOR UPDATE
+            SELECT run_id FROM runs WHERE owner_id = $1 AND status = 'active' FOR UPDATE
            )
     RETURNING {_RUN_COLUMNS}
 """
@@ -498,9 +504,10 @@ async def resume_owned(
     lease: timedelta,
     held: Mapping[str, int] | None = None,
 ) -> list[RunRecord]:
-    """Renew and return the active and queued runs of ``owner_id``, oldest first; the owner
-    epoch moves on for each run not in ``held`` (run id to the epoch this registry holds it
-    under)."""
+    """Renew and return the active runs of ``owner_id``, oldest first; the owner epoch moves on
+    for each run not in ``held`` (run id to the epoch this registry holds it under). Queued
+    runs are not taken (see :func:`renew_leases`): once promoted, they are resumed or adopted
+    like any active run."""
     held = held or {}
     rows = await connection.fetch(_RESUME_OWNED, owner_id, lease, list(held), list(held.values()))
     return sorted((_run_record(row) for row in rows), key=lambda run: run.created_at)
@@ -590,7 +597,7 @@ async def sweep_cancelled_orphans(
         threads,
     )
     for thread_id in threads:
-        await promote_next(connection, thread_id, key)
+        await promote_next(connection, thread_id, grace, key)
     return [row["run_id"] for row in rows]
 
 
