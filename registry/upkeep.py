@@ -23,7 +23,12 @@ from datetime import timedelta
 from registry import repository
 from registry.connections import ConnectionLane, converge
 from registry.database import constraint_name
-from registry.errors import OutcomeUnknownError, RegistryClosedError, RunAlreadyExistsError
+from registry.errors import (
+    OutcomeUnknownError,
+    RegistryClosedError,
+    RunAlreadyExistsError,
+    ThreadBusyError,
+)
 from registry.models import ConflictPolicy, RunRecord
 from registry.notifications import Keyring, NotificationKey
 from registry.tables import ONE_ACTIVE_RUN_PER_THREAD, RUN_ID_TAKEN
@@ -99,6 +104,8 @@ class LeaseKeeper:
                     raise
                 reply_lost = True  # once more: a register that committed unseen is found below
                 continue
+            except ThreadBusyError:
+                raise  # the policy's answer, nothing written: not a race to retry
             except Exception as exc:
                 name = constraint_name(exc)
                 if name == RUN_ID_TAKEN:

@@ -230,6 +230,35 @@ async def test_a_supersede_stops_a_waiting_body(run_registry: RunRegistry) -> No
     assert (await status_of(run_registry, "run-2"))[0] is RunStatus.ACTIVE
 
 
+async def test_a_run_taken_over_ends_the_old_scope_quietly(registry_database_url: str) -> None:
+    old = await RunRegistry.connect(registry_database_url, worker_id="server")
+    taken = asyncio.Event()
+
+    async def body(started: asyncio.Event) -> None:
+        async with old.run("run-1", "agent-a", "thread-1", cancel_body=False) as run:
+            await run.bind_stream_fanout()
+            started.set()
+            await taken.wait()
+            await run.publish(b"from the old owner")  # LeaseLostError: absorbed
+            raise AssertionError("the publish of a fenced owner must raise")
+
+    try:
+        task, _ = await body_in_task(body)
+        # an overlapping deploy of the same worker id resumes the run: the old one is fenced
+        new, resumed = await resume_elsewhere(registry_database_url, "server")
+        taken.set()
+        await asyncio.wait_for(task, DEADLINE)
+        try:
+            record = await new.run("run-1")
+            assert record is not None
+            assert (record.status, record.owner_epoch) == (RunStatus.ACTIVE, 2)
+            assert await resumed.finish("completed")
+        finally:
+            await new.close()
+    finally:
+        await old.close()
+
+
 def test_stream_closed_and_lease_lost_are_run_ended() -> None:
     from registry import LeaseLostError
 
