@@ -3,7 +3,8 @@
 The registrars are ``tests.helpers.worker`` processes released together by a barrier line.
 Whatever the interleaving, the thread never has two active runs: ``supersede`` leaves the last
 one active, ``reject`` exactly one (the others get ``ThreadBusyError``), ``enqueue`` one active
-and the others queued, promoted one at a time in order of arrival as each one finishes.
+and the others queued, promoted one at a time in order of arrival as each one finishes. A
+queued run whose process died is promoted all the same, and then adopted like any orphan.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import pytest
 
 from registry import RegistrySettings, RunRegistry, RunStatus
+from tests.helpers.database import fetch
 from tests.helpers.processes import Worker, workers
 
 #: processes racing on the thread
@@ -115,3 +117,28 @@ async def test_racing_enqueues_run_one_at_a_time_in_order_of_arrival(
             assert await worker.exit_code() == 0
     assert promoted == expected
     assert set((await statuses(run_registry)).values()) == {RunStatus.COMPLETED}
+
+
+async def test_a_queued_run_whose_process_died_is_promoted_then_adopted(
+    registry_database_url: str, run_registry: RunRegistry
+) -> None:
+    first = await run_registry.register("run-1", "agent-a", "thread-1")
+    async with workers(registry_database_url) as pool:
+        queued = await pool.start("enqueue", "run-2", "agent-a", "thread-1")
+        await queued.expect("registered queued")
+        queued.kill()
+        assert await queued.exit_code() == -9
+    assert await first.finish("completed")
+    record = await run_registry.run("run-2")
+    assert record is not None
+    assert record.status is RunStatus.ACTIVE  # promoted, with a lease its owner never renews
+    await fetch(
+        registry_database_url,
+        "UPDATE runs SET lease_expires_at = now() - interval '1 second' WHERE run_id = $1",
+        "run-2",
+    )
+    [adopted] = await run_registry.adopt_orphaned_runs()
+    assert (adopted.run_id, adopted.record.owner_epoch) == ("run-2", 2)
+    async with run_registry.continue_run(adopted):
+        pass
+    assert (await statuses(run_registry))["run-2"] is RunStatus.COMPLETED
