@@ -173,16 +173,14 @@ class RunRegistry(RegistryInspector):
     ) -> RunHandle:
         """Register ``run_id`` on the thread and return its handle.
 
-        With a run already active on the thread, ``on_conflict`` decides, in the same
-        transaction (the thread's lock serialises registers, across processes):
-        ``"supersede"`` (the default, the seed's), the active run becomes ``superseded``, its
-        cancellation token trips wherever it lives, and its decisions not yet acknowledged
-        are dropped with the reason (runs queued behind it stay queued); ``"reject"``, raise
-        :class:`ThreadBusyError` naming the active run, nothing written; ``"enqueue"``, the
-        run is stored ``queued``: it becomes active when the runs before it on the thread
-        have ended (finished, removed, cancelled, swept), in order of arrival; wait with
-        ``handle.wait_active()``. A queued run gets no decisions (forwards go to the active
-        run) and may be cancelled, ending ``cancelled``.
+        With a run already active on the thread, ``on_conflict`` (:class:`ConflictPolicy`)
+        decides in the same transaction (the thread's lock serialises registers across
+        processes): ``"supersede"`` (the seed's), it becomes ``superseded``, its token trips
+        wherever it lives and its unacknowledged decisions are dropped with the reason;
+        ``"reject"``, :class:`ThreadBusyError`, nothing written; ``"enqueue"``, the run is
+        stored ``queued`` and becomes active, in order of arrival, once the runs before it
+        have ended (``handle.wait_active()``); meanwhile it gets no decisions and may be
+        cancelled, ending ``cancelled``.
 
         Idempotent for its own retry: registering again the same ids from the same
         ``worker_id`` while the run is active or queued returns its handle (so a register
@@ -228,13 +226,11 @@ class RunRegistry(RegistryInspector):
         on_conflict: ConflictPolicy | str = ConflictPolicy.SUPERSEDE,
         cancel_body: bool = True,
     ) -> RunScope | Coroutine[Any, Any, RunRecord | None]:
-        """``async with runs.run(run_id, agent_id, thread_id) as run:`` registers the run
-        (see :meth:`register`; a queued run waits its turn on entering) and records how it
-        ended when the block exits: ``completed``, ``failed`` (the exception's summary as
-        reason, re-raised), ``cancelled`` after the run's cancel, or left ``active`` for
-        adoption when the registry is closing. See :mod:`registry.scope` for every case.
-        With ``cancel_body`` (the default), a cancel or supersede of the run cancels the
-        block wherever it awaits.
+        """``async with runs.run(run_id, agent_id, thread_id) as run:`` registers the run (a
+        queued one waits its turn) and records how it ended when the block exits:
+        ``completed``, ``failed`` (re-raised), ``cancelled``, ``interrupted``, or ``active``
+        for adoption when the registry is closing (every case: :mod:`registry.scope`). With
+        ``cancel_body``, a cancel or supersede of the run cancels the block.
 
         ``await runs.run(run_id)`` alone is the operator's read of the row (any status).
         """
