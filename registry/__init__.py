@@ -13,19 +13,24 @@ from registry.errors import (
     RegistryClosedError,
     RegistryError,
     RunAlreadyExistsError,
+    RunCancelledError,
+    RunEndedError,
     SchemaNotReadyError,
     StreamClosedError,
     StreamConflictError,
+    ThreadBusyError,
     TooManyDecisionsError,
 )
 from registry.handle import RunCancellationToken, RunHandle
 from registry.inbox import DecisionInbox
 from registry.locate import resolve_database_url
 from registry.models import (
+    ConflictPolicy,
     DecisionDelivery,
     DecisionStatus,
     ForwardedDecision,
     ResumeDecisionAction,
+    RunOutcome,
     RunRecord,
     RunStatus,
     StreamChunk,
@@ -33,10 +38,12 @@ from registry.models import (
 )
 from registry.registry import RunRegistry
 from registry.schema import downgrade, migrate
+from registry.scope import RunScope
 from registry.settings import RegistrySettings
 from registry.streams import StreamSubscription
 
 __all__ = [
+    "ConflictPolicy",
     "DatabaseError",
     "DatabaseUnavailableError",
     "DecisionDelivery",
@@ -52,15 +59,20 @@ __all__ = [
     "ResumeDecisionAction",
     "RunAlreadyExistsError",
     "RunCancellationToken",
+    "RunCancelledError",
+    "RunEndedError",
     "RunHandle",
+    "RunOutcome",
     "RunRecord",
     "RunRegistry",
+    "RunScope",
     "RunStatus",
     "SchemaNotReadyError",
     "StreamChunk",
     "StreamClosedError",
     "StreamConflictError",
     "StreamSubscription",
+    "ThreadBusyError",
     "TooManyDecisionsError",
     "ToolCallDecision",
     "downgrade",

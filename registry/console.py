@@ -172,12 +172,15 @@ def audit_table(
 
 
 def runs_table(records: Iterable[RunRecord]) -> Table:
-    """Runs as a table for people, one line each, a pending cancel shown with the status."""
+    """Runs as a table for people, one line each, a pending cancel shown with the status, and
+    the reason of a run that failed or was interrupted."""
     table = make_table("RUN", "THREAD", "AGENT", "STATUS", "OWNER", "CREATED", "ENDED")
     for record in records:
         state = record.status.value
         if record.status is RunStatus.ACTIVE and record.cancel_requested_at is not None:
             state += " (cancel requested)"
+        elif record.status in (RunStatus.FAILED, RunStatus.INTERRUPTED) and record.end_reason:
+            state += f": {quoted(record.end_reason)}"
         cells = (
             record.run_id,
             record.thread_id,

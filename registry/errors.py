@@ -119,23 +119,64 @@ class SchemaNotReadyError(RegistryError):
     """The database schema is missing or older than this version of registry; run migrations."""
 
 
-class StreamClosedError(RegistryError):
-    """The run's stream is not open: bind it first, or the run has ended."""
+class RunEndedError(RegistryError):
+    """This registry can no longer act on the run: it ended (finished, superseded, or
+    cancelled while queued), or another registry took it over.
+
+    The one error a run body needs to know: a publish, claim or ack on a run that is over here
+    raises a subclass of it (:class:`StreamClosedError`, :class:`LeaseLostError`), a queued
+    run's ``wait_active`` and an inbox's ``get`` raise it as it is. The run scope
+    (``RunRegistry.run``) ends quietly on it, writing nothing over the run's outcome.
+    """
+
+    def __init__(self, run_id: str, message: str | None = None) -> None:
+        self.run_id = run_id
+        super().__init__(message or f"run {run_id!r} is no longer active here")
+
+
+class RunCancelledError(RegistryError):
+    """The run was asked to stop (a cancel was requested, or it was superseded); raised by
+    ``inbox.get`` of an inbox opened with ``until_cancelled=True``. The run scope records
+    the run ``cancelled`` on it (``superseded`` stays as it is)."""
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
-        super().__init__(
-            f"the stream of run {run_id!r} is not open: bind it first, or the run has ended"
-        )
+        super().__init__(f"run {run_id!r} was asked to stop")
 
 
-class LeaseLostError(RegistryError):
-    """This registry no longer owns the run: another registry resumed or adopted it.
+class ThreadBusyError(RegistryError):
+    """A register with ``on_conflict="reject"`` found the thread with an active run; nothing
+    was written. ``thread_id`` and ``active_run_id`` name them."""
 
-    Every change of owner moves the run's ownership epoch on; a claim, ack, publish or remove
-    made under an older epoch is refused in SQL and raises this. Stop working on the run.
+    def __init__(self, thread_id: str, active_run_id: str) -> None:
+        self.thread_id = thread_id
+        self.active_run_id = active_run_id
+        super().__init__(f"thread {thread_id!r} is busy with the active run {active_run_id!r}")
+
+
+class StreamClosedError(RunEndedError):
+    """The run's stream is not open: bind it first, or the run has ended.
+
+    A :class:`RunEndedError`: after a supersede or an end, every publish raises it. A stream
+    never bound on a run still active raises it too (a mistake of the caller's): the run
+    scope tells the two apart by the row, and records that run ``failed``.
     """
 
     def __init__(self, run_id: str) -> None:
-        self.run_id = run_id
-        super().__init__(f"run {run_id!r} is owned by another registry now (its lease was lost)")
+        super().__init__(
+            run_id, f"the stream of run {run_id!r} is not open: bind it first, or the run has ended"
+        )
+
+
+class LeaseLostError(RunEndedError):
+    """This registry no longer owns the run: another registry resumed or adopted it.
+
+    Every change of owner moves the run's ownership epoch on; a claim, ack, publish or remove
+    made under an older epoch is refused in SQL and raises this. Stop working on the run (a
+    :class:`RunEndedError`: the run scope ends quietly on it, writing nothing).
+    """
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(
+            run_id, f"run {run_id!r} is owned by another registry now (its lease was lost)"
+        )

@@ -14,10 +14,18 @@ from typing import Protocol
 from registry import repository
 from registry.connections import ConnectionLane
 from registry.database import connect, translate_errors
-from registry.errors import LeaseLostError
+from registry.errors import LeaseLostError, RunEndedError
 from registry.inbox import DecisionInbox, DecisionQueue
 from registry.listener import LISTENER_APPLICATION_NAME, Listener
-from registry.models import RunRecord, check_chunks, check_count
+from registry.models import (
+    RunOutcome,
+    RunRecord,
+    RunStatus,
+    check_choice,
+    check_chunks,
+    check_count,
+    end_reason,
+)
 from registry.notifications import Keyring
 from registry.publisher import ChunkPublisher
 from registry.settings import RegistrySettings
@@ -131,19 +139,35 @@ class RunParts:
         self.dispatcher.wake_streams()
         self.safety_net.recheck_soon()
 
-    async def end_held_run(self, lease: Lease) -> bool:
-        """Finish the run under ``lease``'s owner epoch (see ``RunRegistry.remove_by_run_id``);
-        ``False`` if it was not active. Raises :class:`LeaseLostError` (nothing written) if
-        another registry took the run over."""
+    async def end_held_run(
+        self, lease: Lease, outcome: RunOutcome | None = None, reason: str | None = None
+    ) -> bool:
+        """Finish the run under ``lease``'s owner epoch as ``outcome`` (``None``: see
+        ``RunRegistry.remove_by_run_id``); ``False`` if it was not active. Raises
+        :class:`LeaseLostError` (nothing written) if another registry took the run over."""
         key = await self.keyring.get()
         async with self._lane.transaction() as connection:
-            ended = await repository.end_run(connection, lease.run_id, key, epoch=lease.epoch)
+            ended = await repository.end_run(
+                connection,
+                lease.run_id,
+                key,
+                lease=self.leases.lease,
+                epoch=lease.epoch,
+                outcome=outcome,
+                reason=reason,
+            )
             taken = not ended and await repository.owner_epoch_of(connection, lease.run_id)
         if taken:
             self.leases.lose(lease)
             raise LeaseLostError(lease.run_id)
         self.leases.let_go(lease.run_id)
         return ended
+
+    async def read_run(self, run_id: str) -> RunRecord | None:
+        """The run's row now, in any status (``None``: no such run)."""
+        return await self._lane.retry_once(
+            lambda connection: repository.run_by_id(connection, run_id)
+        )
 
     async def close(self) -> None:
         """End every waiter, flush pending wake-ups, release the leases, stop the background
@@ -297,7 +321,9 @@ class RunHandle:
 
     @property
     def record(self) -> RunRecord:
-        """The run's row as it was when this handle was obtained."""
+        """The run's row as it was when this handle was obtained (or :meth:`wait_active`
+        returned): ``stream_seq`` and ``decision_cursor`` say how far a resumed or adopted
+        run had got."""
         return self._record
 
     def can_own(self, agent_id: str) -> bool:
@@ -308,18 +334,72 @@ class RunHandle:
         """The run's cancellation token, shared with every other token of the run here."""
         return RunCancellationToken(self._parts, self._watch, self._lease)
 
-    def decisions(self) -> DecisionInbox:
-        """Open the run's inbox (the seed's ``bind_decision_tx`` and ``pending_decisions``)."""
+    def decisions(self, *, until_cancelled: bool = False) -> DecisionInbox:
+        """Open the run's inbox (the seed's ``bind_decision_tx`` and ``pending_decisions``).
+
+        With ``until_cancelled=True`` the inbox ends as soon as a cancel or supersede of the
+        run is seen (iteration stops; ``get`` raises :class:`RunCancelledError`), rather than
+        when the run ends; decisions not acknowledged are delivered again to the next inbox.
+        """
         return DecisionInbox(
-            self._parts.decisions, self._watch, self._lease, self._parts.leases.lose
+            self._parts.decisions,
+            self._watch,
+            self._lease,
+            self._parts.leases.lose,
+            until_cancelled=until_cancelled,
         )
 
+    # a timeout argument for symmetry with ``DecisionInbox.get``
+    async def wait_active(self, timeout: float | None = None) -> RunRecord:  # noqa: ASYNC109
+        """Wait until this run is the thread's active run (a run registered with
+        ``on_conflict="enqueue"`` waits its turn); return its row, now also :attr:`record`.
+
+        Returns at once for an active run. The row is the truth: a notification from the
+        promoting transaction wakes the wait, the safety-net re-check covers a lost one.
+        Raises :class:`TimeoutError` after ``timeout`` seconds (``None``: no limit; the run
+        stays queued), :class:`RunEndedError` if the run ended without becoming active (a
+        queued run cancelled), :class:`LeaseLostError` if another registry took it over,
+        and :class:`RegistryClosedError` if the registry closes first.
+        """
+        async with asyncio.timeout(timeout):
+            while True:
+                record = await self._parts.read_run(self.run_id)
+                if record is None or record.status.is_finished:
+                    raise RunEndedError(
+                        self.run_id,
+                        f"run {self.run_id!r} ended without becoming active"
+                        f" ({'removed' if record is None else record.status.value})",
+                    )
+                if record.owner_epoch != self._lease.epoch:
+                    self._parts.leases.lose(self._lease)
+                    raise LeaseLostError(self.run_id)
+                if record.status is RunStatus.ACTIVE:
+                    self._record = record
+                    return record
+                await self._watch.wait_active()
+
+    async def finish(self, outcome: RunOutcome | str, reason: str | None = None) -> bool:
+        """End this run as ``outcome`` (``completed``, ``failed``, ``cancelled`` or
+        ``interrupted``) with ``reason`` (stored as its ``end_reason``; default: the
+        outcome's name; cut to 2000 characters). Its open decisions are dropped, its inboxes
+        end, and the oldest run queued on its thread becomes active, in the same transaction.
+
+        Returns ``False`` (nothing written) if the run is not active: it ended already
+        (whatever its outcome, it is never overwritten), was superseded, or is still queued.
+        Raises :class:`InvalidInputError` for another outcome or a reason that is not text,
+        and :class:`LeaseLostError` (nothing written) if another registry took the run over.
+        """
+        checked = check_choice("outcome", outcome, RunOutcome)
+        return await self._parts.end_held_run(self._lease, checked, end_reason(reason))
+
     async def cancel(self) -> bool:
-        """Request cancellation of this run; ``False`` if it is no longer active."""
+        """Request cancellation of this run (a queued run ends ``cancelled`` at once); ``False``
+        if it is no longer active or queued."""
         return await self._parts.calls.cancel_active_run_by_id(self.run_id)
 
     async def remove(self) -> bool:
-        """Finish this run (the seed's ``remove_thread_run_handle``); see ``remove_by_run_id``.
+        """Finish this run (the seed's ``remove_thread_run_handle``); see ``remove_by_run_id``
+        and :meth:`finish`, which records how it ended.
 
         Fenced: raises :class:`LeaseLostError` (nothing written) if another registry has
         taken the run over since this handle was obtained.

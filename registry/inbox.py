@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 from collections.abc import Callable
 from types import TracebackType
@@ -18,7 +19,13 @@ from typing import Self
 from registry import repository
 from registry.batching import Batcher
 from registry.connections import ConnectionLane
-from registry.errors import InvalidInputError, LeaseLostError, OutcomeUnknownError
+from registry.errors import (
+    InvalidInputError,
+    LeaseLostError,
+    OutcomeUnknownError,
+    RunCancelledError,
+    RunEndedError,
+)
 from registry.models import DecisionDelivery
 from registry.watch import Lease, RunWatch
 
@@ -106,27 +113,38 @@ class DecisionInbox:
     """The run's queue of decisions: an async iterator of :class:`DecisionDelivery`.
 
     It first yields the decisions queued before it was opened, then new ones as they arrive,
-    in forward order, and ends when the run ends. Acknowledge each decision once applied with
-    :meth:`ack`; an unacknowledged decision is delivered again when an inbox is next opened
-    for the run (after a crash, in another process), with ``attempts`` counting deliveries.
-    Once the registry is closed, the next step raises :class:`RegistryClosedError` (a step
-    parked waiting for decisions raises it at once); decisions claimed but not yet yielded
-    are delivered again by the next inbox of the run.
+    in forward order, and ends when the run ends (or, opened with ``until_cancelled=True``,
+    once a cancel or supersede of the run is seen). :meth:`get` takes one decision with a
+    timeout. Acknowledge each decision once applied with ``delivery.ack()`` (or :meth:`ack`);
+    an unacknowledged decision is delivered again when an inbox is next opened for the run
+    (after a crash, in another process), with ``attempts`` counting deliveries. Once the
+    registry is closed, the next step raises :class:`RegistryClosedError` (a step parked
+    waiting for decisions raises it at once); decisions claimed but not yet yielded are
+    delivered again by the next inbox of the run.
     """
 
     def __init__(
-        self, queue: DecisionQueue, watch: RunWatch, lease: Lease, lose: Callable[[Lease], None]
+        self,
+        queue: DecisionQueue,
+        watch: RunWatch,
+        lease: Lease,
+        lose: Callable[[Lease], None],
+        *,
+        until_cancelled: bool = False,
     ) -> None:
         self._queue = queue
         self._watch = watch
         self._lease = lease
         self._lose = lose
+        self._until_cancelled = until_cancelled
         self._wakeup = asyncio.Event()
         self._wakeup.set()
         self._buffer: collections.deque[DecisionDelivery] = collections.deque()
         self._after = 0
         self._closed = False
         watch.inboxes.add(self)
+        if until_cancelled:
+            watch.cancel_inboxes.add(self)
 
     def wake(self) -> None:
         """Look at the table again (called by notifications and the safety-net re-check)."""
@@ -141,19 +159,57 @@ class DecisionInbox:
         return self
 
     async def __anext__(self) -> DecisionDelivery:
+        delivery = await self._next(None)
+        if delivery is None:
+            raise StopAsyncIteration
+        return delivery
+
+    # a timeout argument, not only asyncio.timeout around the call: the deadline must bound the
+    # wait alone, never cut a claim in flight
+    async def get(self, timeout: float | None = None) -> DecisionDelivery:  # noqa: ASYNC109
+        """The next decision, waiting at most ``timeout`` seconds for one to arrive (``None``:
+        no limit).
+
+        Raises :class:`TimeoutError` (the builtin, as ``asyncio.timeout`` raises it) when none
+        arrived in time (nothing is lost: a decision claimed meanwhile is kept for the next
+        call); :class:`RunCancelledError` once the run's cancel or supersede is seen, for an
+        inbox opened with ``until_cancelled=True``; :class:`RunEndedError` when the run has
+        ended and every decision was delivered (where iterating would stop); and, as
+        iterating does, :class:`LeaseLostError` and :class:`RegistryClosedError`.
+        """
+        if timeout is not None and (isinstance(timeout, bool) or not timeout >= 0):
+            raise InvalidInputError("timeout", "must be a non-negative number of seconds or None")
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        delivery = await self._next(deadline)
+        if delivery is not None:
+            return delivery
+        if self._stopped_by_cancel():
+            raise RunCancelledError(self.run_id)
+        raise RunEndedError(self.run_id, f"the inbox of run {self.run_id!r} has ended")
+
+    def _stopped_by_cancel(self) -> bool:
+        return self._until_cancelled and self._watch.cancelled.is_set()
+
+    async def _next(self, deadline: float | None) -> DecisionDelivery | None:
+        # the deadline bounds only the wait for a wake-up, never a claim in flight: a claim
+        # cut mid-way would leave its decisions claimed and not yielded
         while True:
             if self._closed:
-                raise StopAsyncIteration
+                return None
             # a delivery yielded now could not be acknowledged: leave it for the next inbox
             self._watch.closing.check()
             self._check_lease()
+            if self._stopped_by_cancel():
+                self._buffer.clear()  # not acknowledged: the run's next inbox redelivers them
+                return None
             if self._buffer:
                 return self._buffer.popleft()
             ended = self._watch.ended.is_set()
             if not ended and not self._wakeup.is_set():
                 # a lost lease wakes the inboxes of its run too (see LeaseKeeper)
                 # the last claim emptied the queue: claim again only when told to
-                await self._wakeup.wait()
+                async with asyncio.timeout_at(deadline):
+                    await self._wakeup.wait()
                 continue
             # clear before reading: a wake-up that lands during the read is kept for the next wait
             self._wakeup.clear()
@@ -165,13 +221,16 @@ class DecisionInbox:
             if claim.deliveries or claim.dead_lettered:
                 # a late commit can bring a decision below the cursor: the cursor never moves back
                 self._after = max(self._after, claim.examined)
-                self._buffer.extend(claim.deliveries)
+                self._buffer.extend(
+                    dataclasses.replace(delivery, acknowledge=self.ack)
+                    for delivery in claim.deliveries
+                )
                 if claim.full:
                     self._wakeup.set()  # a full batch: more may be queued behind it
                 continue
             if ended:
                 self._closed = True
-                raise StopAsyncIteration
+                return None
 
     def position(self) -> int:
         """The delivery id of the newest decision this inbox has claimed."""
@@ -206,6 +265,7 @@ class DecisionInbox:
         self._closed = True
         self._buffer.clear()
         self._watch.inboxes.discard(self)
+        self._watch.cancel_inboxes.discard(self)
         self._wakeup.set()
 
     async def __aenter__(self) -> Self:

@@ -59,6 +59,11 @@ class RegistryInspector:
     ) -> None:
         await self.close()
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (it may still be in progress)."""
+        return self._closed
+
     def _check_open(self) -> None:
         if self._closed:
             raise RegistryClosedError()

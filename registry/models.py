@@ -10,10 +10,10 @@ import enum
 import json
 import math
 import uuid
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError, field_validator
 
@@ -28,12 +28,45 @@ MAX_UPDATED_AT = 2**63 - 1
 
 
 class RunStatus(enum.StrEnum):
-    """Lifecycle of a run. Only ``active`` runs can be reached through the registry API."""
+    """Lifecycle of a run: ``queued`` (behind the thread's active run), ``active``, then one
+    outcome. Only ``active`` runs can be reached through the registry API's lookups."""
 
     ACTIVE = "active"
+    QUEUED = "queued"
     COMPLETED = "completed"
     CANCELLED = "cancelled"
     SUPERSEDED = "superseded"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def is_finished(self) -> bool:
+        """Whether this is an outcome: neither ``active`` nor ``queued``."""
+        return self not in (RunStatus.ACTIVE, RunStatus.QUEUED)
+
+
+class RunOutcome(enum.StrEnum):
+    """How a run ended, as ``RunHandle.finish`` records it (``superseded`` is the registry's
+    own doing, never given)."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+
+class ConflictPolicy(enum.StrEnum):
+    """What ``register`` does when the thread already has an active run.
+
+    ``supersede`` (the default, the seed's): the new run replaces it. ``reject``: raise
+    :class:`~registry.errors.ThreadBusyError`, nothing written. ``enqueue``: the new run is
+    stored ``queued`` and becomes active when the runs before it have ended, in order of
+    arrival.
+    """
+
+    SUPERSEDE = "supersede"
+    REJECT = "reject"
+    ENQUEUE = "enqueue"
 
 
 class DecisionStatus(enum.StrEnum):
@@ -303,6 +336,14 @@ class RunRecord:
     end_reason: str | None
     #: the fencing token of the owner this record was read under (see ``LeaseLostError``)
     owner_epoch: int = 1
+    #: the stream's last seq (``None``: never bound, or pruned): a resumed body publishes
+    #: on from here, with ``after_seq=stream_seq``
+    stream_seq: int | None = None
+    #: the delivery id of the newest decision acknowledged (0: none): how far a resumed body
+    #: had applied its decisions (the inbox redelivers every one not acknowledged)
+    decision_cursor: int = 0
+    #: when the run was queued behind the thread's active run (``None``: never queued)
+    queued_at: datetime | None = None
 
     @property
     def is_cancelled(self) -> bool:
@@ -329,6 +370,18 @@ class DecisionDelivery:
     decision: ToolCallDecision
     attempts: int
     received_at: datetime
+    #: the ``ack`` of the inbox that delivered it (``None`` for a delivery made by hand)
+    acknowledge: Callable[[DecisionDelivery], Awaitable[bool]] | None = field(
+        default=None, repr=False, compare=False
+    )
+
+    async def ack(self) -> bool:
+        """Acknowledge this delivery through the inbox that delivered it; see
+        ``DecisionInbox.ack`` (same result and errors). Raises :class:`InvalidInputError`
+        for a delivery no inbox made."""
+        if self.acknowledge is None:
+            raise InvalidInputError("delivery", "was not delivered by an inbox")
+        return await self.acknowledge(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,3 +464,41 @@ def check_after_seq(value: object) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise InvalidInputError("after_seq", "must be a non-negative integer or None")
     return value
+
+
+_Choice = TypeVar("_Choice", bound=enum.StrEnum)
+
+
+def check_choice(field: str, value: object, choices: type[_Choice]) -> _Choice:
+    """Validate one of the values of the enum ``choices`` (the member or its text)."""
+    if isinstance(value, str):
+        try:
+            return choices(value)
+        except ValueError:
+            pass
+    allowed = ", ".join(repr(choice.value) for choice in choices)
+    raise InvalidInputError(field, f"must be one of {allowed}, got {value!r}")
+
+
+#: Longest ``reason`` a run's outcome keeps (a longer one is cut, never refused).
+MAX_END_REASON_LENGTH = 2000
+
+
+def end_reason(reason: object) -> str | None:
+    """Validate the reason given to ``finish``: ``None`` or text, cut to
+    :data:`MAX_END_REASON_LENGTH` characters."""
+    if reason is None:
+        return None
+    if isinstance(reason, str):
+        reason = reason[:MAX_END_REASON_LENGTH]
+    return check_text("reason", reason, max_length=MAX_END_REASON_LENGTH, allow_empty=True)
+
+
+def failure_summary(exc: BaseException) -> str:
+    """The reason a run scope records for a run whose body raised ``exc``: its type and first
+    line, cut to :data:`MAX_END_REASON_LENGTH` characters (NUL and lone surrogates replaced)."""
+    text = str(exc).strip().splitlines()
+    summary = type(exc).__name__ + (f": {text[0]}" if text else "")
+    summary = summary.replace("\x00", "\ufffd")
+    summary = summary.encode("utf-8", "replace").decode("utf-8")
+    return summary[:MAX_END_REASON_LENGTH]

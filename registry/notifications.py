@@ -5,7 +5,7 @@ one exception is a small stream chunk, which may ride inline, sealed, so that a 
 is exactly caught up needs no query. The wire format, on channel :data:`CHANNEL`, is 64 hex
 digits of HMAC-SHA256 over the JSON text, then the JSON text::
 
-    {"kind": "decision" | "cancel" | "superseded" | "ended", "id": <run_id>}
+    {"kind": "decision" | "cancel" | "superseded" | "ended" | "active", "id": <run_id>}
     {"kind": "chunk", "id": <run_id>, "seq": <newest seq>, "data": <sealed> | null}
     {"kind": "chunks", "runs": [[<run_id>, <newest seq>], ...]}
 
@@ -62,6 +62,8 @@ class NotificationKind(enum.StrEnum):
     CANCEL = "cancel"
     SUPERSEDED = "superseded"
     ENDED = "ended"
+    #: a queued run became the thread's active run
+    ACTIVE = "active"
     CHUNK = "chunk"
     CHUNKS = "chunks"
 

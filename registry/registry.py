@@ -12,27 +12,31 @@ from __future__ import annotations
 
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import Any, Self, TypeVar, overload
 
 from registry import repository
 from registry.connections import converge
 from registry.database import DriverConnection, asyncpg_dsn
+from registry.errors import InvalidInputError
 from registry.forwarding import DecisionForwarder
 from registry.handle import RunHandle, RunParts
 from registry.inspection import RegistryInspector
 from registry.listener import Listener
 from registry.models import (
+    ConflictPolicy,
     ForwardedDecision,
     RunRecord,
     ToolCallDecision,
     check_after_seq,
+    check_choice,
     check_count,
     check_decision_batch,
     check_id,
 )
 from registry.notifications import NotificationKey
 from registry.schema import check_revision
+from registry.scope import Connecting, RunScope
 from registry.settings import RegistrySettings
 from registry.streams import StreamSubscription
 
@@ -42,7 +46,8 @@ _T = TypeVar("_T")
 class RunRegistry(RegistryInspector):
     """The durable, cross-process registry of active runs. Use one per process.
 
-    Open with ``await RunRegistry.connect(url)`` (or ``async with await ...connect(url)``).
+    Open with ``async with RunRegistry.connect(url) as runs:`` (or ``await ...connect(url)``
+    and :meth:`close` yourself). Run a body in ``async with runs.run(...) as run:``.
     Every method is one transaction: it happened entirely or not at all. Method names and
     return values follow the in-memory registry this one makes durable. Every method raises
     :class:`DatabaseUnavailableError` when the server cannot be reached within
@@ -72,7 +77,7 @@ class RunRegistry(RegistryInspector):
         )
 
     @classmethod
-    async def connect(
+    def connect(
         cls,
         url: str,
         *,
@@ -80,8 +85,12 @@ class RunRegistry(RegistryInspector):
         settings: RegistrySettings | None = None,
         listen: bool = True,
         listen_url: str | None = None,
-    ) -> RunRegistry:
+    ) -> Connecting[Self]:
         """Connect to the database at ``url``, check its schema, and start listening.
+
+        Both ``await RunRegistry.connect(url)`` (the registry) and ``async with
+        RunRegistry.connect(url) as runs:`` (closed when the block ends) work; nothing
+        happens until one of them.
 
         ``worker_id`` names this process as the owner of the runs it registers; one is
         generated (and logged) if not given. ``listen=False`` skips the LISTEN connection
@@ -93,6 +102,22 @@ class RunRegistry(RegistryInspector):
         :class:`SchemaNotReadyError` if migrations have not been run, and
         :class:`InvalidInputError` for a malformed URL or ``worker_id``.
         """
+        return Connecting(
+            lambda: cls._connect(
+                url, worker_id=worker_id, settings=settings, listen=listen, listen_url=listen_url
+            )
+        )
+
+    @classmethod
+    async def _connect(
+        cls,
+        url: str,
+        *,
+        worker_id: str | None,
+        settings: RegistrySettings | None,
+        listen: bool,
+        listen_url: str | None,
+    ) -> Self:
         settings = settings or RegistrySettings()
         if worker_id is None:
             worker_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
@@ -143,26 +168,95 @@ class RunRegistry(RegistryInspector):
 
     # --- the seed's API ----------------------------------------------------------------------
 
-    async def register(self, run_id: str, agent_id: str, thread_id: str) -> RunHandle:
-        """Register ``run_id`` as the thread's active run and return its handle.
+    async def register(
+        self,
+        run_id: str,
+        agent_id: str,
+        thread_id: str,
+        *,
+        on_conflict: ConflictPolicy | str = ConflictPolicy.SUPERSEDE,
+    ) -> RunHandle:
+        """Register ``run_id`` on the thread and return its handle.
 
-        A run already active on the thread is superseded in the same transaction: it becomes
-        ``superseded``, its cancellation token trips wherever it lives, and its decisions not
-        yet acknowledged are dropped with the reason.
+        With a run already active on the thread, ``on_conflict`` (:class:`ConflictPolicy`)
+        decides in the same transaction (the thread's lock serialises registers across
+        processes): ``"supersede"`` (the seed's), it becomes ``superseded``, its token trips
+        wherever it lives and its unacknowledged decisions are dropped with the reason;
+        ``"reject"``, :class:`ThreadBusyError`, nothing written; ``"enqueue"``, the run is
+        stored ``queued`` and becomes active, in order of arrival, once the runs before it
+        have ended (``handle.wait_active()``); meanwhile it gets no decisions and may be
+        cancelled, ending ``cancelled``.
 
         Idempotent for its own retry: registering again the same ids from the same
-        ``worker_id`` while the run is active returns its handle (so a register whose reply
-        was lost is retried here, once, and converges). Raises :class:`RunAlreadyExistsError`
-        if ``run_id`` was registered before otherwise.
+        ``worker_id`` while the run is active or queued returns its handle (so a register
+        whose reply was lost is retried here, once, and converges). Raises
+        :class:`RunAlreadyExistsError` if ``run_id`` was registered before otherwise, and
+        :class:`InvalidInputError` for another ``on_conflict``.
         """
         check_id("run_id", run_id)
         check_id("agent_id", agent_id)
         check_id("thread_id", thread_id)
+        policy = check_choice("on_conflict", on_conflict, ConflictPolicy)
         key = await self._key()
         record = await self._parts.leases.register(
-            self.worker_id, run_id=run_id, agent_id=agent_id, thread_id=thread_id, key=key
+            self.worker_id,
+            run_id=run_id,
+            agent_id=agent_id,
+            thread_id=thread_id,
+            key=key,
+            on_conflict=policy,
         )
         return self._handle(record)
+
+    @overload
+    def run(self, run_id: str) -> Coroutine[Any, Any, RunRecord | None]: ...
+
+    @overload
+    def run(
+        self,
+        run_id: str,
+        agent_id: str,
+        thread_id: str,
+        *,
+        on_conflict: ConflictPolicy | str = ...,
+        cancel_body: bool = ...,
+    ) -> RunScope: ...
+
+    def run(
+        self,
+        run_id: str,
+        agent_id: str | None = None,
+        thread_id: str | None = None,
+        *,
+        on_conflict: ConflictPolicy | str = ConflictPolicy.SUPERSEDE,
+        cancel_body: bool = True,
+    ) -> RunScope | Coroutine[Any, Any, RunRecord | None]:
+        """``async with runs.run(run_id, agent_id, thread_id) as run:`` registers the run (a
+        queued one waits its turn) and records how it ended when the block exits:
+        ``completed``, ``failed`` (re-raised), ``cancelled``, ``interrupted``, or ``active``
+        for adoption when the registry is closing (every case: :mod:`registry.scope`). With
+        ``cancel_body``, a cancel or supersede of the run cancels the block.
+
+        ``await runs.run(run_id)`` alone is the operator's read of the row (any status).
+        """
+        if agent_id is None and thread_id is None:
+            return super().run(run_id)
+        if agent_id is None or thread_id is None:
+            raise InvalidInputError("thread_id", "give both agent_id and thread_id, or neither")
+        return RunScope(
+            lambda: self.register(run_id, agent_id, thread_id, on_conflict=on_conflict),
+            lambda: self.closed,
+            cancel_body=cancel_body,
+        )
+
+    def continue_run(self, handle: RunHandle, *, cancel_body: bool = True) -> RunScope:
+        """The scope of :meth:`run` for a run resumed or adopted (``handle.record`` says how
+        far it got: ``stream_seq``, ``decision_cursor``); nothing is registered."""
+
+        async def start() -> RunHandle:
+            return handle
+
+        return RunScope(start, lambda: self.closed, cancel_body=cancel_body)
 
     async def handle_by_thread(
         self, thread_id: str, *, agent_id: str | None = None
@@ -185,14 +279,18 @@ class RunRegistry(RegistryInspector):
 
     async def remove_by_run_id(self, run_id: str) -> bool:
         """Finish the active run ``run_id``: ``cancelled`` if a cancel was requested, else
-        ``completed``. Its unacknowledged decisions are dropped and its inboxes end.
+        ``completed`` (``RunHandle.finish`` records another outcome and a reason). Its
+        unacknowledged decisions are dropped, its inboxes end, and the oldest run queued on
+        its thread becomes active.
 
         Returns ``False`` if the run was not active (the row stays as history either way).
         """
         check_id("run_id", run_id)
         key = await self._key()
         async with self._lane.transaction() as connection:
-            ended = await repository.end_run(connection, run_id, key)
+            ended = await repository.end_run(
+                connection, run_id, key, lease=self._parts.leases.lease
+            )
         self._parts.leases.let_go(run_id)
         return ended
 
@@ -258,16 +356,22 @@ class RunRegistry(RegistryInspector):
         return await converge(once)
 
     async def cancel_active_run_by_id(self, run_id: str) -> bool:
-        """Request cancellation of the active run ``run_id``; ``False`` if it is not active.
+        """Request cancellation of the active run ``run_id``; ``False`` if it is neither
+        active nor queued.
 
         The run's tokens trip in every process within milliseconds (or at the next safety
-        re-check if the notification is lost). The run stays active until it is removed.
+        re-check if the notification is lost). The run stays active until it is removed. A
+        queued run ends ``cancelled`` at once and never becomes active.
         """
         check_id("run_id", run_id)
         cancelled = await self._write(
             lambda c, key: repository.request_cancel_by_id(c, run_id, key)
         )
-        return cancelled is not None
+        if cancelled is not None:
+            return True
+        key = await self._key()
+        async with self._lane.transaction() as connection:
+            return await repository.cancel_queued_run(connection, run_id, key)
 
     async def cancel_active_run_by_thread(
         self, thread_id: str, *, agent_id: str | None = None

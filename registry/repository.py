@@ -20,11 +20,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from registry.database import DriverConnection, Row
-from registry.errors import InvalidInputError
+from registry.errors import InvalidInputError, ThreadBusyError
 from registry.models import (
+    ConflictPolicy,
     DecisionDelivery,
     DecisionStatus,
     ResumeDecisionAction,
+    RunOutcome,
     RunRecord,
     RunStatus,
     StreamChunk,
@@ -53,9 +55,29 @@ def _signed(json_text: str, inner: int, outer: int) -> str:
     return f"{mac} || {json_text}"
 
 
+# the decision cursor is computed in the same statement (ix_decisions_acked: one index probe)
+def _notify_each(rows: str) -> str:
+    """SQL that ends a ``WITH`` statement whose CTE ``rows`` returns ``run_id``s: one signed
+    notification of kind ``$3`` per run on channel ``$2`` (key pads ``$4``, ``$5``), then
+    ``run_id, notified`` per run. Only our own CTE names go in."""
+    return f""", payload AS (
+        SELECT json_build_object('kind', $3::text, 'id', run_id)::text AS body FROM {rows}
+    ), notified AS (
+        SELECT pg_notify($2, {_signed("body", 4, 5)}) FROM payload
+    )
+    SELECT run_id, (SELECT count(*) FROM notified) AS notified FROM {rows}"""
+
+
+def _notify_each_arguments(kind: NotificationKind, key: NotificationKey) -> tuple[object, ...]:
+    """The bind values ``$2`` to ``$5`` of :func:`_notify_each`."""
+    return (CHANNEL, kind.value, key.inner_pad, key.outer_pad)
+
+
 _RUN_COLUMNS = (
     "run_id, thread_id, agent_id, status, owner_id, cancel_requested_at, "
-    "created_at, updated_at, ended_at, end_reason, owner_epoch"
+    "created_at, updated_at, ended_at, end_reason, owner_epoch, stream_seq, queued_at, "
+    "(SELECT coalesce(max(acked.id), 0) FROM decisions AS acked "
+    "WHERE acked.run_id = runs.run_id AND acked.status = 'acked') AS decision_cursor"
 )
 
 
@@ -72,6 +94,9 @@ def _run_record(row: Row) -> RunRecord:
         ended_at=row["ended_at"],
         end_reason=row["end_reason"],
         owner_epoch=row["owner_epoch"],
+        stream_seq=row["stream_seq"],
+        decision_cursor=int(row["decision_cursor"]),
+        queued_at=row["queued_at"],
     )
 
 
@@ -97,11 +122,16 @@ _SUPERSEDE_ACTIVE = """
 """
 
 
+# clock_timestamp(), not now(): taken under the thread's lock, it orders a thread's queue by
+# arrival (now() is when each transaction began)
 _INSERT_RUN = f"""
-    INSERT INTO runs (run_id, thread_id, agent_id, owner_id, lease_expires_at)
-    VALUES ($1, $2, $3, $4, now() + $5::interval)
+    INSERT INTO runs (run_id, thread_id, agent_id, owner_id, lease_expires_at, status, queued_at)
+    VALUES ($1, $2, $3, $4, now() + $5::interval, $6,
+            CASE WHEN $6::text = 'queued' THEN clock_timestamp() END)
     RETURNING {_RUN_COLUMNS}
 """
+
+_ACTIVE_RUN_ID_OF_THREAD = "SELECT run_id FROM runs WHERE thread_id = $1 AND status = 'active'"
 
 
 async def register_run(
@@ -113,32 +143,72 @@ async def register_run(
     owner_id: str,
     lease: timedelta,
     key: NotificationKey,
+    on_conflict: ConflictPolicy = ConflictPolicy.SUPERSEDE,
 ) -> RunRecord:
-    """Make ``run_id`` the thread's active run, owned by ``owner_id``, inside the caller's
-    transaction; the run active before it (if any) is superseded and its open decisions are
-    dropped with a ``superseded`` notification.
+    """Register ``run_id`` on the thread, owned by ``owner_id``, inside the caller's
+    transaction. With an active run on the thread, ``on_conflict`` says what happens:
+    ``supersede``, it is superseded and its open decisions are dropped with a ``superseded``
+    notification (the runs queued behind it stay queued); ``reject``, raise
+    :class:`ThreadBusyError` having written nothing; ``enqueue``, the run is stored
+    ``queued`` behind it and the runs queued before it.
 
     The thread's advisory lock makes a concurrent register on the same thread wait, then
-    supersede (without it, both would see no active run and one would fail on the unique
-    index). The primary key refuses a reused run id.
+    apply its policy (without it, both would see no active run and one would fail on the
+    unique index); every change of a thread's active run takes it. The primary key refuses a
+    reused run id (a retry of this very register included: the caller tells them apart).
     """
     await connection.execute(_LOCK_THREAD, thread_id)
-    reason = f"superseded by run {run_id}"
-    old: str | None = await connection.fetchval(_SUPERSEDE_ACTIVE, thread_id, run_id, reason)
-    if old is not None:
-        reason = f"run {old} superseded by run {run_id}"
-        await drop_open_decisions_and_notify(
-            connection, old, reason, NotificationKind.SUPERSEDED, key
-        )
-    row = await connection.fetchrow(_INSERT_RUN, run_id, thread_id, agent_id, owner_id, lease)
+    status = RunStatus.ACTIVE
+    if on_conflict is ConflictPolicy.SUPERSEDE:
+        reason = f"superseded by run {run_id}"
+        old: str | None = await connection.fetchval(_SUPERSEDE_ACTIVE, thread_id, run_id, reason)
+        if old is not None:
+            reason = f"run {old} superseded by run {run_id}"
+            await drop_open_decisions_and_notify(
+                connection, old, reason, NotificationKind.SUPERSEDED, key
+            )
+    else:
+        active: str | None = await connection.fetchval(_ACTIVE_RUN_ID_OF_THREAD, thread_id)
+        # this very run (a retried register) goes on to the insert, which the key refuses
+        if active is not None and active != run_id:
+            if on_conflict is ConflictPolicy.REJECT:
+                raise ThreadBusyError(thread_id, active)
+            status = RunStatus.QUEUED
+    row = await connection.fetchrow(
+        _INSERT_RUN, run_id, thread_id, agent_id, owner_id, lease, status.value
+    )
     assert row is not None  # INSERT ... RETURNING of one row
     return _run_record(row)
 
 
+# The thread's lock first, as register takes it: a register (thread lock, then the active
+# run's row) and an end (the row, then the thread lock) would otherwise deadlock.
+_LOCK_THREAD_OF_RUN = """
+    SELECT thread_id, pg_advisory_xact_lock(hashtextextended(thread_id, 0))
+      FROM runs WHERE run_id = $1
+"""
+
+
+async def _lock_thread_of(connection: DriverConnection, run_id: str) -> str | None:
+    """Take the advisory lock of the run's thread until the transaction ends; return the
+    thread's id (``None``: no such run, nothing locked)."""
+    row = await connection.fetchrow(_LOCK_THREAD_OF_RUN, run_id)
+    return None if row is None else str(row["thread_id"])
+
+
+# Without an outcome ($2), the seed's rule: cancelled if a cancel was requested, else
+# completed. The reason defaults to the outcome's name.
 _END_RUN = """
     UPDATE runs
-       SET status = CASE WHEN cancel_requested_at IS NULL THEN 'completed' ELSE 'cancelled' END,
-           end_reason = CASE WHEN cancel_requested_at IS NULL THEN 'removed' ELSE 'cancelled' END,
+       SET status = coalesce(
+               $3::text,
+               CASE WHEN cancel_requested_at IS NULL THEN 'completed' ELSE 'cancelled' END),
+           end_reason = coalesce(
+               $4::text, $3::text,
+               CASE WHEN cancel_requested_at IS NULL THEN 'removed' ELSE 'cancelled' END),
+           cancel_requested_at = CASE WHEN $3::text = 'cancelled'
+                                      THEN coalesce(cancel_requested_at, now())
+                                      ELSE cancel_requested_at END,
            ended_at = now(), updated_at = now(), lease_expires_at = NULL
      WHERE run_id = $1 AND status = 'active' AND ($2::bigint IS NULL OR owner_epoch = $2)
     RETURNING run_id
@@ -146,17 +216,86 @@ _END_RUN = """
 
 
 async def end_run(
-    connection: DriverConnection, run_id: str, key: NotificationKey, *, epoch: int | None = None
+    connection: DriverConnection,
+    run_id: str,
+    key: NotificationKey,
+    *,
+    lease: timedelta,
+    epoch: int | None = None,
+    outcome: RunOutcome | None = None,
+    reason: str | None = None,
 ) -> bool:
-    """Finish an active run inside the caller's transaction: ``cancelled`` if a cancel was
-    requested, else ``completed``; its open decisions are dropped with an ``ended``
-    notification. ``False`` (nothing written) if the run was not active, or, with ``epoch``,
-    is held under another owner epoch (tell the two apart with :func:`owner_epoch_of`)."""
-    if await connection.fetchval(_END_RUN, run_id, epoch) is None:
+    """Finish an active run inside the caller's transaction, as ``outcome`` with ``reason``
+    (default: the outcome's name); without ``outcome``, ``cancelled`` if a cancel was
+    requested, else ``completed``. Its open decisions are dropped with an ``ended``
+    notification, and the oldest run queued on its thread becomes active (with ``lease``, see
+    :func:`promote_next`). ``False`` (nothing
+    written) if the run was not active, or, with ``epoch``, is held under another owner epoch
+    (tell the two apart with :func:`owner_epoch_of`)."""
+    thread_id = await _lock_thread_of(connection, run_id)
+    if thread_id is None:
         return False
-    reason = f"run {run_id} ended"
-    await drop_open_decisions_and_notify(connection, run_id, reason, NotificationKind.ENDED, key)
+    status = None if outcome is None else outcome.value
+    if await connection.fetchval(_END_RUN, run_id, epoch, status, reason) is None:
+        return False
+    dropped = f"run {run_id} ended"
+    await drop_open_decisions_and_notify(connection, run_id, dropped, NotificationKind.ENDED, key)
+    await promote_next(connection, thread_id, lease, key)
     return True
+
+
+# The caller holds the thread's lock, so the queue and the active run cannot change under it.
+_PROMOTE_NEXT = f"""
+    WITH next AS (
+        SELECT run_id FROM runs
+         WHERE thread_id = $1 AND status = 'queued'
+           AND NOT EXISTS (SELECT FROM runs WHERE thread_id = $1 AND status = 'active')
+         ORDER BY queued_at, run_id
+         LIMIT 1
+    ), promoted AS (
+        UPDATE runs SET status = 'active', updated_at = now(),
+               lease_expires_at = now() + $6::interval
+          FROM next
+         WHERE runs.run_id = next.run_id AND runs.status = 'queued'
+        RETURNING runs.run_id
+    ){_notify_each("promoted")}
+"""
+
+
+async def promote_next(
+    connection: DriverConnection, thread_id: str, lease: timedelta, key: NotificationKey
+) -> str | None:
+    """Make the oldest queued run of the thread active if the thread has no active run, with
+    an ``active`` notification; return its id. The caller holds the thread's lock (see
+    :func:`register_run`). The run keeps its owner and epoch, and gets a lease of ``lease``
+    (its owner renews it from then on; an owner gone lets it be adopted)."""
+    row = await connection.fetchrow(
+        _PROMOTE_NEXT, thread_id, *_notify_each_arguments(NotificationKind.ACTIVE, key), lease
+    )
+    return None if row is None else str(row["run_id"])
+
+
+_CANCEL_QUEUED = """
+    UPDATE runs
+       SET status = 'cancelled', end_reason = 'cancelled while queued',
+           cancel_requested_at = now(), ended_at = now(), updated_at = now(),
+           lease_expires_at = NULL
+     WHERE run_id = $1 AND status = 'queued'
+    RETURNING run_id, pg_notify($2, $3), pg_notify($2, $4)
+"""
+
+
+async def cancel_queued_run(
+    connection: DriverConnection, run_id: str, key: NotificationKey
+) -> bool:
+    """End the queued run ``run_id`` as ``cancelled`` (it never becomes active), with a
+    ``cancel`` and an ``ended`` notification, inside the caller's transaction; ``False`` if it
+    is not queued. Takes the thread's lock first, so a promotion never picks it meanwhile."""
+    if await _lock_thread_of(connection, run_id) is None:
+        return False
+    cancel = encode(RunChanged(NotificationKind.CANCEL, run_id), key)
+    ended = encode(RunChanged(NotificationKind.ENDED, run_id), key)
+    return await connection.fetchrow(_CANCEL_QUEUED, run_id, CHANNEL, cancel, ended) is not None
 
 
 _ACTIVE_BY_THREAD = f"SELECT {_RUN_COLUMNS} FROM runs WHERE thread_id = $1 AND status = 'active'"
@@ -317,7 +456,10 @@ async def renew_leases(
 ) -> set[str]:
     """Extend the lease of each run in ``held`` (run id to owner epoch) that is still active
     under that epoch, in one statement; return the ids renewed. A run missing from the result
-    has ended, or another registry took it (see :func:`held_run_states`)."""
+    has ended, is still queued, or another registry took it (see :func:`held_run_states`).
+
+    Queued runs are left alone: a promotion gives them a fresh lease, and locking them here
+    could close a cycle with an end that promotes (its run's row, then the queued one)."""
     rows = await connection.fetch(_RENEW_LEASES, list(held), list(held.values()), lease)
     return {row["run_id"] for row in rows}
 
@@ -376,7 +518,9 @@ async def resume_owned(
     held: Mapping[str, int] | None = None,
 ) -> list[RunRecord]:
     """Renew and return the active runs of ``owner_id``, oldest first; the owner epoch moves on
-    for each run not in ``held`` (run id to the epoch this registry holds it under)."""
+    for each run not in ``held`` (run id to the epoch this registry holds it under). Queued
+    runs are not taken (see :func:`renew_leases`): once promoted, they are resumed or adopted
+    like any active run."""
     held = held or {}
     rows = await connection.fetch(_RESUME_OWNED, owner_id, lease, list(held), list(held.values()))
     return sorted((_run_record(row) for row in rows), key=lambda run: run.created_at)
@@ -418,20 +562,30 @@ async def adopt_orphans(
     return sorted((_run_record(row) for row in rows), key=lambda run: run.created_at)
 
 
+_CANCELLED_ORPHAN = """
+    status = 'active' AND cancel_requested_at IS NOT NULL
+    AND lease_expires_at < now() - $1::interval
+"""
+
+_THREADS_OF_CANCELLED_ORPHANS = f"""
+    SELECT DISTINCT thread_id FROM runs WHERE {_CANCELLED_ORPHAN}
+"""
+
+# one thread after the other in a fixed order: two sweepers never wait on each other in a ring
+_LOCK_THREADS = """
+    SELECT pg_advisory_xact_lock(hashtextextended(thread_id, 0))
+      FROM (SELECT thread_id FROM unnest($1::text[]) AS thread_id
+             ORDER BY hashtextextended(thread_id, 0)) AS ordered
+"""
+
 _SWEEP_CANCELLED_ORPHANS = f"""
     WITH swept AS (
         UPDATE runs
            SET status = 'cancelled', end_reason = 'cancelled while its owner was gone',
                ended_at = now(), updated_at = now()
-         WHERE status = 'active' AND cancel_requested_at IS NOT NULL
-           AND lease_expires_at < now() - $1::interval
+         WHERE {_CANCELLED_ORPHAN} AND thread_id = ANY($6::text[])
         RETURNING run_id
-    ), payload AS (
-        SELECT json_build_object('kind', $3::text, 'id', run_id)::text AS body FROM swept
-    ), notified AS (
-        SELECT pg_notify($2, {_signed("body", 4, 5)}) FROM payload
-    )
-    SELECT run_id, (SELECT count(*) FROM notified) AS notified FROM swept
+    ){_notify_each("swept")}
 """
 
 
@@ -439,17 +593,24 @@ async def sweep_cancelled_orphans(
     connection: DriverConnection, grace: timedelta, key: NotificationKey
 ) -> list[str]:
     """Finish as ``cancelled`` the runs whose cancel is pending and whose lease expired more
-    than ``grace`` ago (nobody adopted them); return their ids. Their decisions are dropped
-    by the caller in a following statement.
+    than ``grace`` ago (nobody adopted them); return their ids. The oldest run queued on each
+    of their threads becomes active. Their decisions are dropped by the caller in a
+    following statement.
     """
+    threads = [
+        row["thread_id"] for row in await connection.fetch(_THREADS_OF_CANCELLED_ORPHANS, grace)
+    ]
+    if not threads:
+        return []
+    await connection.execute(_LOCK_THREADS, threads)
     rows = await connection.fetch(
         _SWEEP_CANCELLED_ORPHANS,
         grace,
-        CHANNEL,
-        NotificationKind.ENDED.value,
-        key.inner_pad,
-        key.outer_pad,
+        *_notify_each_arguments(NotificationKind.ENDED, key),
+        threads,
     )
+    for thread_id in threads:
+        await promote_next(connection, thread_id, grace, key)
     return [row["run_id"] for row in rows]
 
 

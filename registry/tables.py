@@ -26,7 +26,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-from registry.models import MAX_ID_LENGTH
+from registry.models import MAX_ID_LENGTH, RunStatus
+
+
+def _quoted(values: type[RunStatus]) -> str:
+    return ", ".join(f"'{value.value}'" for value in values)
+
 
 metadata = MetaData(
     naming_convention={
@@ -42,6 +47,8 @@ metadata = MetaData(
 RUN_ID_TAKEN = "pk_runs"
 #: Name of the partial unique index that keeps one active run per thread.
 ONE_ACTIVE_RUN_PER_THREAD = "uq_runs_active_thread"
+#: Name of the partial index of the runs queued behind each thread's active run.
+QUEUED_RUNS_OF_THREAD = "ix_runs_queued_thread"
 #: Name of the partial unique index that makes a non-empty decision_id idempotent per run.
 ONE_DECISION_PER_ID = "uq_decisions_run_decision_id"
 
@@ -68,10 +75,16 @@ runs = Table(
     Column("ended_at", DateTime(timezone=True), nullable=True),
     # the stream's last allocated chunk seq; NULL until the stream is bound (and after pruning)
     Column("stream_seq", BigInteger, nullable=True),
+    # when the run was queued behind the thread's active run: queued runs become active in
+    # this order (set under the thread's lock, so it is the order of arrival)
+    Column("queued_at", DateTime(timezone=True), nullable=True),
     CheckConstraint("stream_seq >= 0", name="stream_seq"),
     CheckConstraint("owner_epoch >= 1", name="owner_epoch"),
-    CheckConstraint("status IN ('active', 'completed', 'cancelled', 'superseded')", name="status"),
-    CheckConstraint("(status = 'active') = (ended_at IS NULL)", name="ended_at_iff_finished"),
+    CheckConstraint(f"status IN ({_quoted(RunStatus)})", name="status"),
+    CheckConstraint(
+        "(status IN ('active', 'queued')) = (ended_at IS NULL)", name="ended_at_iff_finished"
+    ),
+    CheckConstraint("status <> 'queued' OR queued_at IS NOT NULL", name="queued_at"),
     Index(
         ONE_ACTIVE_RUN_PER_THREAD,
         "thread_id",
@@ -79,6 +92,12 @@ runs = Table(
         postgresql_where=text("status = 'active'"),
     ),
     Index("ix_runs_thread_created", "thread_id", "created_at"),
+    Index(
+        QUEUED_RUNS_OF_THREAD,
+        "thread_id",
+        "queued_at",
+        postgresql_where=text("status = 'queued'"),
+    ),
     Index(
         "ix_runs_active_owner",
         "owner_id",
@@ -130,6 +149,13 @@ decisions = Table(
         "run_id",
         "id",
         postgresql_where=text("status IN ('pending', 'delivered')"),
+    ),
+    # a run's newest acknowledged decision (the decision cursor of its record)
+    Index(
+        "ix_decisions_acked",
+        "run_id",
+        "id",
+        postgresql_where=text("status = 'acked'"),
     ),
     Index("ix_decisions_thread_received", "thread_id", "received_at"),
     Index("ix_decisions_agent_received", "agent_id", "received_at"),

@@ -23,8 +23,13 @@ from datetime import timedelta
 from registry import repository
 from registry.connections import ConnectionLane, converge
 from registry.database import constraint_name
-from registry.errors import OutcomeUnknownError, RegistryClosedError, RunAlreadyExistsError
-from registry.models import RunRecord, RunStatus
+from registry.errors import (
+    OutcomeUnknownError,
+    RegistryClosedError,
+    RunAlreadyExistsError,
+    ThreadBusyError,
+)
+from registry.models import ConflictPolicy, RunRecord
 from registry.notifications import Keyring, NotificationKey
 from registry.tables import ONE_ACTIVE_RUN_PER_THREAD, RUN_ID_TAKEN
 from registry.watch import Dispatcher, Lease, RunWatch
@@ -65,12 +70,21 @@ class LeaseKeeper:
         self._stopping = asyncio.Event()
 
     async def register(
-        self, worker_id: str, *, run_id: str, agent_id: str, thread_id: str, key: NotificationKey
+        self,
+        worker_id: str,
+        *,
+        run_id: str,
+        agent_id: str,
+        thread_id: str,
+        key: NotificationKey,
+        on_conflict: ConflictPolicy = ConflictPolicy.SUPERSEDE,
     ) -> RunRecord:
-        """Register and hold ``run_id`` as the thread's active run, owned by ``worker_id``
-        (see ``RunRegistry.register``): retried after losing a race on the one-active-run
-        index, and once after a lost reply, where the same ids of the same worker id, active,
-        are the run this call created. Raises :class:`RunAlreadyExistsError` otherwise."""
+        """Register and hold ``run_id`` on the thread under ``on_conflict``, owned by
+        ``worker_id`` (see ``RunRegistry.register``): retried after losing a race on the
+        one-active-run index, and once after a lost reply, where the same ids of the same
+        worker id, active or queued, are the run this call created. Raises
+        :class:`RunAlreadyExistsError` otherwise, and :class:`ThreadBusyError` under
+        ``reject``."""
         reply_lost = False
         for attempt in range(1, _REGISTER_ATTEMPTS + 1):
             try:
@@ -83,21 +97,25 @@ class LeaseKeeper:
                         owner_id=worker_id,
                         lease=self.lease,
                         key=key,
+                        on_conflict=on_conflict,
                     )
             except OutcomeUnknownError:
                 if reply_lost:
                     raise
                 reply_lost = True  # once more: a register that committed unseen is found below
                 continue
+            except ThreadBusyError:
+                raise  # the policy's answer, nothing written: not a race to retry
             except Exception as exc:
                 name = constraint_name(exc)
                 if name == RUN_ID_TAKEN:
                     existing = await self._lane.retry_once(
-                        lambda connection: repository.active_run_by_id(connection, run_id)
+                        lambda connection: repository.run_by_id(connection, run_id)
                     )
                     ours = (thread_id, agent_id, worker_id)
                     if (
                         existing is None
+                        or existing.status.is_finished
                         or (
                             existing.thread_id,
                             existing.agent_id,
@@ -269,7 +287,7 @@ class LeaseKeeper:
             if lease is None or lease.epoch != held[run_id]:
                 continue  # let go or taken anew meanwhile
             status, epoch = states.get(run_id, (None, None))
-            if status is not RunStatus.ACTIVE:
+            if status is None or status.is_finished:
                 self.let_go(run_id)  # ended (or deleted): its watch ends it here
             elif epoch != lease.epoch:
                 self.lose(lease)
@@ -336,7 +354,7 @@ class SafetyNet:
 
     async def refresh(self, watch: RunWatch) -> int | None:
         """Re-read one run's row now and apply it (a token's ``refresh``); return the run's
-        owner epoch while it is active, else ``None``."""
+        owner epoch while it is active or queued, else ``None``."""
         states = await self._lane.retry_once(
             lambda connection: repository.run_states(connection, [watch.run_id])
         )
@@ -344,7 +362,7 @@ class SafetyNet:
             watch.end()
         for state in states:
             watch.apply(state.status, cancel_requested=state.cancel_requested)
-            if state.status is RunStatus.ACTIVE:
+            if not state.status.is_finished:
                 return state.owner_epoch
         return None
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from registry.errors import RegistryClosedError
@@ -32,7 +32,12 @@ _T = TypeVar("_T")
 RECENT_LIMIT = 4096
 #: the irreversible kinds a watch created later must still see
 _REMEMBERED = frozenset(
-    {NotificationKind.CANCEL, NotificationKind.SUPERSEDED, NotificationKind.ENDED}
+    {
+        NotificationKind.CANCEL,
+        NotificationKind.SUPERSEDED,
+        NotificationKind.ENDED,
+        NotificationKind.ACTIVE,
+    }
 )
 
 
@@ -143,6 +148,8 @@ class RunWatch:
 
     __slots__ = (
         "__weakref__",
+        "activated",
+        "cancel_inboxes",
         "cancelled",
         "chunk_generation",
         "closing",
@@ -158,7 +165,11 @@ class RunWatch:
         self.closing = Closing() if closing is None else closing
         self.cancelled = asyncio.Event()
         self.ended = asyncio.Event()
+        #: set once the run is seen active (a queued run's ``wait_active`` waits on it)
+        self.activated = asyncio.Event()
         self.inboxes: weakref.WeakSet[Waiter] = weakref.WeakSet()
+        #: the inboxes opened ``until_cancelled``: a cancel wakes them (and them only) to stop
+        self.cancel_inboxes: weakref.WeakSet[Waiter] = weakref.WeakSet()
         self.streams: weakref.WeakSet[StreamWaiter] = weakref.WeakSet()
         #: futures of parked ``token.wait()`` calls, resolved by a cancel, a lost lease or the
         #: registry's close (one wake-up, no task per waiter)
@@ -179,7 +190,13 @@ class RunWatch:
         already closed); a cancel already seen still returns.
         """
 
-        while not (self.cancelled.is_set() or (lost is not None and lost.is_set())):
+        await self._park_until(
+            lambda: self.cancelled.is_set() or (lost is not None and lost.is_set())
+        )
+
+    async def _park_until(self, done: Callable[[], bool]) -> None:
+        # one future per parked waiter, resolved by wake_token_waiters (no task per waiter)
+        while not done():
             self.closing.check()
             waiter = asyncio.get_running_loop().create_future()
             self.token_waiters.append(waiter)
@@ -199,6 +216,12 @@ class RunWatch:
     def _cancel(self) -> None:
         self.cancelled.set()
         self.wake_token_waiters()
+        for inbox in list(self.cancel_inboxes):
+            inbox.wake()
+
+    def _activate(self) -> None:
+        self.activated.set()
+        self.wake_token_waiters()  # ``wait_active`` parks with the token waiters
 
     def close(self) -> None:
         """The registry closed: wake every waiter of the run so that it sees it and stops."""
@@ -208,10 +231,13 @@ class RunWatch:
         self.wake_streams()
 
     def apply(self, status: RunStatus, *, cancel_requested: bool) -> None:
-        """Take in the run's row: trip on cancel or supersede, end when not active."""
+        """Take in the run's row: trip on cancel or supersede, note it active, end when it
+        has an outcome."""
         if is_cancelled(status, cancel_requested=cancel_requested):
             self._cancel()
-        if status is not RunStatus.ACTIVE:
+        if status is RunStatus.ACTIVE:
+            self._activate()
+        if status.is_finished:
             self.end()
 
     def notify(self, kind: NotificationKind) -> None:
@@ -225,6 +251,8 @@ class RunWatch:
             self.end()
         elif kind is NotificationKind.ENDED:
             self.end()
+        elif kind is NotificationKind.ACTIVE:
+            self._activate()
         elif kind is NotificationKind.CHUNK:
             self.wake_streams()
 
@@ -237,8 +265,16 @@ class RunWatch:
     def end(self) -> None:
         """The run ended: nothing new will arrive; wake everyone to drain and stop."""
         self.ended.set()
+        self.wake_token_waiters()  # a queued run's ``wait_active`` stops
         self.wake_inboxes()
         self.wake_streams()
+
+    async def wait_active(self) -> None:
+        """Return once the run is seen active or ended (read its row to tell which).
+
+        Raises :class:`RegistryClosedError` if the registry closes first.
+        """
+        await self._park_until(lambda: self.activated.is_set() or self.ended.is_set())
 
     def wake_inboxes(self) -> None:
         """New decisions may be in the table."""

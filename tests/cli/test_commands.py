@@ -63,7 +63,15 @@ async def test_status_and_migrate(run_registry: RunRegistry, registry_database_u
     assert report["schema_revision"] == report["head_revision"] == head_revision()
     assert report["schema_ready"] is True
     assert int(report["server_version"].split(".")[0]) >= 14
-    assert report["runs"] == {"active": 1, "completed": 1, "cancelled": 0, "superseded": 0}
+    assert report["runs"] == {
+        "active": 1,
+        "queued": 0,
+        "completed": 1,
+        "cancelled": 0,
+        "superseded": 0,
+        "failed": 0,
+        "interrupted": 0,
+    }
     assert report["decisions"] == {"pending": 1, "delivered": 0, "acked": 0, "dropped": 0}
 
     await downgrade(registry_database_url, "0002")

@@ -13,8 +13,12 @@ happened, one line per event (flushed at once; the test reads them with a deadli
     that has read the line knows the ack is committed); ``done`` after N deliveries, or
     ``ended`` if the inbox ends first. ``--ack-first K`` acknowledges only the first K
     deliveries, ``--no-ack`` none; ``--hold`` waits to be killed instead of exiting.
-``register RUN_ID AGENT THREAD``
-    register the run; print ``registered``.
+``register RUN_ID AGENT THREAD [--on-conflict POLICY]``
+    register the run; print ``registered`` (``registered queued`` when it was queued).
+``enqueue RUN_ID AGENT THREAD``
+    register the run with ``on_conflict="enqueue"``; print ``registered active`` or
+    ``registered queued``; then print ``active`` once it is the thread's active run, wait for
+    a ``finish`` line on stdin, finish it ``completed`` and print ``finished``.
 ``register-many THREAD AGENT PREFIX COUNT``
     register ``PREFIX-0`` .. ``PREFIX-{COUNT-1}`` on one thread, all at once; print
     ``registered RUN_ID`` for each, then ``done``.
@@ -36,7 +40,7 @@ import json
 import sys
 from typing import Any
 
-from registry import DecisionDelivery, RegistrySettings, RunRegistry
+from registry import DecisionDelivery, RegistrySettings, RunRegistry, RunStatus
 
 #: printed by every role once it is set up
 READY = "ready"
@@ -129,8 +133,25 @@ async def inbox(registry: RunRegistry, options: argparse.Namespace) -> int:
 
 async def register(registry: RunRegistry, options: argparse.Namespace) -> int:
     await barrier(options)
-    await registry.register(options.run_id, options.agent_id, options.thread_id)
-    say("registered")
+    handle = await registry.register(
+        options.run_id, options.agent_id, options.thread_id, on_conflict=options.on_conflict
+    )
+    say("registered queued" if handle.record.status is RunStatus.QUEUED else "registered")
+    return 0
+
+
+async def enqueue(registry: RunRegistry, options: argparse.Namespace) -> int:
+    await barrier(options)
+    handle = await registry.register(
+        options.run_id, options.agent_id, options.thread_id, on_conflict="enqueue"
+    )
+    say(f"registered {handle.record.status.value}")
+    await handle.wait_active(options.timeout)
+    say("active")
+    line = await asyncio.wait_for(read_stdin_line(), options.timeout)
+    if line != "finish":
+        raise RuntimeError(f"expected 'finish' on stdin, got {line!r}")
+    say(f"finished {str(await handle.finish('completed')).lower()}")
     return 0
 
 
@@ -167,6 +188,7 @@ ROLES = {
     "watch-cancel": (watch_cancel, True),
     "inbox": (inbox, True),
     "register": (register, False),
+    "enqueue": (enqueue, True),
     "register-many": (register_many, False),
     "cancel": (cancel, False),
     "forward": (forward, False),
@@ -199,6 +221,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     role.add_argument("--hold", action="store_true")
 
     role = roles.add_parser("register")
+    role.add_argument("run_id")
+    role.add_argument("agent_id")
+    role.add_argument("thread_id")
+    role.add_argument("--on-conflict", default="supersede")
+
+    role = roles.add_parser("enqueue")
     role.add_argument("run_id")
     role.add_argument("agent_id")
     role.add_argument("thread_id")

@@ -106,3 +106,25 @@ def test_offline_sql_contains_the_schema() -> None:
     )
     assert "CREATE TABLE runs" in result.stdout
     assert "CREATE UNIQUE INDEX uq_runs_active_thread" in result.stdout
+
+
+async def test_downgrading_outcomes_keeps_every_run_readable(registry_database_url: str) -> None:
+    # 0006 knows neither queued runs nor the outcomes failed and interrupted
+    async with RunRegistry.connect(registry_database_url) as runs:
+        await runs.register("run-1", "agent-a", "thread-1")
+        await runs.register("run-2", "agent-a", "thread-1", on_conflict="enqueue")
+        failed = await runs.register("run-3", "agent-a", "thread-2")
+        assert await failed.finish("failed", reason="model refused")
+    await registry.downgrade(registry_database_url, "0006")
+    connection = await asyncpg.connect(asyncpg_dsn(registry_database_url))
+    try:
+        rows = await connection.fetch("SELECT run_id, status, end_reason FROM runs ORDER BY 1")
+    finally:
+        await connection.close()
+    assert [tuple(row) for row in rows] == [
+        ("run-1", "active", None),
+        ("run-2", "cancelled", "still queued when the schema was downgraded"),
+        ("run-3", "completed", "model refused"),
+    ]
+    await registry.migrate(registry_database_url)
+    assert await _schema_diff(registry_database_url) == []

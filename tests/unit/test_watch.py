@@ -51,8 +51,29 @@ async def test_apply_cancel_requested_trips_cancelled_but_does_not_end() -> None
     inbox, stream = watched(watch)
     watch.apply(RunStatus.ACTIVE, cancel_requested=True)
     assert watch.cancelled.is_set()
+    assert watch.activated.is_set()
     assert not watch.ended.is_set()
     assert (inbox.wakes, stream.wakes) == (0, 0)
+
+
+async def test_apply_queued_neither_activates_nor_ends() -> None:
+    watch = RunWatch("r")
+    inbox, stream = watched(watch)
+    watch.apply(RunStatus.QUEUED, cancel_requested=False)
+    assert not watch.activated.is_set()
+    assert not watch.ended.is_set()
+    assert (inbox.wakes, stream.wakes) == (0, 0)
+    watch.apply(RunStatus.ACTIVE, cancel_requested=False)
+    assert watch.activated.is_set()
+
+
+async def test_a_cancel_wakes_only_the_inboxes_that_stop_on_it() -> None:
+    watch = RunWatch("r")
+    inbox, _ = watched(watch)
+    stopping, _ = watched(watch)
+    watch.cancel_inboxes.add(stopping)
+    watch.notify(NotificationKind.CANCEL)
+    assert (inbox.wakes, stopping.wakes) == (0, 1)
 
 
 @pytest.mark.parametrize("status", [RunStatus.CANCELLED, RunStatus.SUPERSEDED])
@@ -118,6 +139,7 @@ async def test_apply_never_untrips() -> None:
         (NotificationKind.SUPERSEDED, True, True, True, True),
         (NotificationKind.ENDED, False, True, True, True),
         (NotificationKind.CHUNK, False, False, False, True),
+        (NotificationKind.ACTIVE, False, False, False, False),
     ],
 )
 async def test_notify(
