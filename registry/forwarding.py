@@ -47,8 +47,8 @@ class DecisionForwarder:
 
     async def forward(self, forward: repository.Forward) -> repository.ForwardResult | None:
         """Store ``forward`` (see ``RunRegistry.forward_decisions_by_run_id`` and
-        ``..._by_thread``); retried once after a lost reply, which its decision ids make safe
-        (a decision without one may then be stored twice, as the registry documents)."""
+        ``..._by_thread``), all of its decisions or none; retried once after a lost reply,
+        which their decision ids make safe (the registry gives one to each that has none)."""
         batcher = self._by_thread if forward.run_id is None else self._by_run_id
         return await converge(lambda: batcher.submit(forward))
 
