@@ -101,11 +101,14 @@ import sqlalchemy
 from _shared import (
     CHILD_TIMEOUT,
     Child,
+    Headline,
+    add_summary_option,
     benchmark_database,
     benchmark_server,
     raw_pool,
     say,
     stdin_reader,
+    write_summary,
 )
 
 from registry import (
@@ -1123,7 +1126,9 @@ async def describe_server(url: str) -> str:
     return f"PostgreSQL {version}"
 
 
-async def run_benchmark(server_url: str, where: str, iterations: int) -> None:
+async def run_benchmark(
+    server_url: str, where: str, iterations: int, summary: str | None = None
+) -> None:
     async with benchmark_database(server_url) as database:
         url, name, version_num = database.url, database.name, database.version_num
         print(f"server:   {await describe_server(url)} (server_version_num {version_num})")
@@ -1139,6 +1144,14 @@ async def run_benchmark(server_url: str, where: str, iterations: int) -> None:
         load_after = os.getloadavg()[0]
         print()
         print_table(rows)
+        headlines = [row.cells() for row in rows if row.goal is not None]
+        write_summary(
+            summary,
+            [
+                Headline.from_cells("core", f"{name}, {metric}", *rest)
+                for name, metric, *rest in headlines
+            ],
+        )
         print()
         print("ratio = ours / baseline (time; lower is better).")
         print(
@@ -1192,6 +1205,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         default=DEFAULT_ITERATIONS,
         help=f"measured iterations per operation (default {DEFAULT_ITERATIONS})",
     )
+    add_summary_option(parser)
     parser.add_argument("--child", choices=CHILD_MODES, help=argparse.SUPPRESS)
     parser.add_argument("--run-id", help=argparse.SUPPRESS)
     arguments = parser.parse_args(argv)
@@ -1206,7 +1220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(child_main(arguments.child, arguments.database_url, arguments.run_id))
         return 0
     with benchmark_server(arguments.database_url) as (server_url, where):
-        asyncio.run(run_benchmark(server_url, where, arguments.iterations))
+        asyncio.run(run_benchmark(server_url, where, arguments.iterations, arguments.summary))
     return 0
 
 
