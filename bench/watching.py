@@ -98,7 +98,7 @@ DATABASE_COUNTS = """
 
 RUNS_UPDATED = "SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'runs'"
 
-WAL_POSITION = "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"
+WAL_POSITION = "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint"
 
 LISTENERS = """
     SELECT count(*) FROM pg_stat_activity
@@ -221,7 +221,8 @@ async def idle_window(
         cpu_after = process_cpu(child.pid)
         server_after = server.sample()[0] if server is not None else None
         counts_after = await connection.fetchrow(DATABASE_COUNTS)
-        assert counts is not None and counts_after is not None
+        assert counts is not None
+        assert counts_after is not None
         updated_after = int(await connection.fetchval(RUNS_UPDATED))
         wal_after = int(await connection.fetchval(WAL_POSITION))
         await child.close()
@@ -348,33 +349,18 @@ def report(fixed: Idle, held: Idle) -> list[Headline]:
         lines,
     )
 
-    def headline(name: str, line: list[str], met: bool | None, ratio: str) -> Headline:
-        return Headline(
-            "watching",
-            name,
-            line[2],
-            f"{line[1]} with 0 runs",
-            ratio,
-            line[4].rsplit(" ", 1)[0] if met is not None else "",
-            met,
-        )
-
-    def times(ours: float, baseline: float) -> str:
-        return f"{ours / baseline:.2f}x" if baseline else "-"
+    def headline(name: str, line: list[str], met: bool | None) -> Headline:
+        # the ratio column carries the increment per watched run: a ratio to an idle
+        # registry's near-zero figure says nothing
+        per = "-" if line[3] == "-" else f"+{line[3]} per run"
+        goal = line[4].rsplit(" ", 1)[0] if met is not None else ""
+        return Headline("watching", name, line[2], f"{line[1]} with 0 runs", per, goal, met)
 
     return [
-        headline(
-            f"idle CPU holding {runs:,} runs",
-            lines[0],
-            cpu_met,
-            times(held.per_second(held.client_cpu), fixed.per_second(fixed.client_cpu)),
-        ),
-        headline(
-            f"rows read/s holding {runs:,} idle runs",
-            lines[3],
-            rows_met,
-            times(held.per_second(held.rows_read), fixed.per_second(fixed.rows_read)),
-        ),
+        headline(f"idle CPU, % of a core, holding {runs:,} runs", lines[0], cpu_met),
+        headline(f"server CPU, % of a core, {runs:,} idle runs", lines[1], None),
+        headline(f"rows read/s, {runs:,} idle runs", lines[3], rows_met),
+        headline(f"runs rows updated/s, {runs:,} idle runs", lines[4], None),
         Headline(
             "watching",
             "memory per watched run (RSS / tracemalloc)",
@@ -384,7 +370,7 @@ def report(fixed: Idle, held: Idle) -> list[Headline]:
             "",
             None,
         ),
-        headline("LISTEN connections", lines[8], listeners_met, "-"),
+        headline("LISTEN connections", lines[8], listeners_met),
     ]
 
 
