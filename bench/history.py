@@ -24,7 +24,8 @@ interleaved call by call, and prints p50:
 * forward: ``forward_decisions_by_run_id`` of one decision, against an INSERT of the decision
   row with ``pg_notify``;
 * claim: a fresh inbox's read of the one decision pending on its run (``inbox_batch`` 1),
-  against a claim ``UPDATE ... RETURNING`` (the forward and the ack around it are not timed);
+  against a claim ``UPDATE ... RETURNING`` whose commit, as ours, does not wait for the WAL
+  flush (the forward and the ack around it are not timed);
 * publish: ``RunHandle.publish`` of one chunk, against an INSERT of the chunk row with a
   client-side seq;
 * adopt: ``adopt_orphaned_runs(limit=1)`` of the one run whose lease expired, against the same
@@ -151,10 +152,16 @@ INSERT_ORPHAN = """
 # --- the raw asyncpg baseline: the minimal SQL that does the same job (and bench/core.py's
 # lookup and forward) -------------------------------------------------------------------------
 
+# as the registry's claim, its commit does not wait for the WAL flush (a lost mark only means
+# one more delivery)
 RAW_CLAIM = """
+    WITH relaxed AS (
+        SELECT set_config('synchronous_commit', 'off', true)
+    )
     UPDATE decisions
        SET status = 'delivered', delivered_at = coalesce(delivered_at, now()),
            attempts = attempts + 1
+      FROM relaxed
      WHERE id IN (
             SELECT id FROM decisions
              WHERE run_id = $1 AND status IN ('pending', 'delivered')
