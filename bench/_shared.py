@@ -16,7 +16,7 @@ import secrets
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -221,6 +221,31 @@ def read_summary(path: str) -> list[Headline]:
     """Every headline appended to ``path``, in order."""
     with open(path, encoding="utf-8") as file:
         return [Headline(**json.loads(line)) for line in file if line.strip()]
+
+
+# --- timing calls ---------------------------------------------------------------------------------
+
+#: one timed call: takes the iteration's index, returns the nanoseconds it took
+Probe = Callable[[int], Awaitable[int]]
+
+
+async def interleave(
+    probes: dict[str, Probe], iterations: int, warmup: int
+) -> dict[str, list[int]]:
+    """Each probe's durations over ``iterations`` calls after ``warmup`` calls.
+
+    The probes run call by call in turn, the first one rotating, so that drift and noisy
+    neighbours hit every probe alike.
+    """
+    names = list(probes)
+    samples: dict[str, list[int]] = {name: [] for name in names}
+    for index in range(warmup + iterations):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            elapsed = await probes[name](index)
+            if index >= warmup:
+                samples[name].append(elapsed)
+    return samples
 
 
 # --- what every script's command line and report share ------------------------------------------

@@ -102,9 +102,11 @@ from _shared import (
     CHILD_TIMEOUT,
     Child,
     Headline,
+    Probe,
     add_summary_option,
     benchmark_database,
     benchmark_server,
+    interleave,
     raw_pool,
     say,
     stdin_reader,
@@ -537,7 +539,6 @@ async def child_process(mode: str, url: str, run_id: str | None = None) -> Async
 
 
 #: one timed call of one variant: given the iteration index, return nanoseconds
-Probe = Callable[[int], Awaitable[int]]
 
 
 @dataclass(frozen=True)
@@ -578,6 +579,31 @@ async def run_concurrently(jobs: Sequence[Callable[[], Awaitable[int]]], limit: 
     return Drain(time.perf_counter_ns() - start, total)
 
 
+def lookup_probes(
+    registry: RunRegistry, pool: asyncpg.Pool, threads: Sequence[str]
+) -> dict[str, Probe]:
+    """``handle_by_thread`` and its raw SELECT, over ``threads`` in turn (each has an active
+    run)."""
+
+    async def ours(index: int) -> int:
+        thread_id = threads[index % len(threads)]
+        start = time.perf_counter_ns()
+        handle = await registry.handle_by_thread(thread_id)
+        elapsed = time.perf_counter_ns() - start
+        assert handle is not None
+        return elapsed
+
+    async def raw(index: int) -> int:
+        thread_id = threads[index % len(threads)]
+        start = time.perf_counter_ns()
+        row = await pool.fetchrow(RAW_ACTIVE_BY_THREAD, thread_id)
+        elapsed = time.perf_counter_ns() - start
+        assert row is not None
+        return elapsed
+
+    return {"ours": ours, "raw": raw}
+
+
 @dataclass
 class Bench:
     """What every measurement needs: the database, our registry, a raw pool, a unique tag."""
@@ -602,14 +628,7 @@ class Bench:
         """
         iterations = self.iterations if iterations is None else iterations
         warmup = self.warmup if warmup is None else warmup
-        names = list(probes)
-        samples: dict[str, list[int]] = {name: [] for name in names}
-        for index in range(warmup + iterations):
-            shift = index % len(names)
-            for name in names[shift:] + names[:shift]:
-                elapsed = await probes[name](index)
-                if index >= warmup:
-                    samples[name].append(elapsed)
+        samples = await interleave(probes, iterations, warmup)
         return {name: Timings.from_ns(values) for name, values in samples.items()}
 
     async def register_remove(self) -> dict[str, Timings]:
@@ -640,23 +659,7 @@ class Bench:
             await self.registry.register(run_id, AGENT_ID, thread_id)
             threads.append(thread_id)
 
-        async def ours(index: int) -> int:
-            thread_id = threads[index % LOOKUP_THREADS]
-            start = time.perf_counter_ns()
-            handle = await self.registry.handle_by_thread(thread_id)
-            elapsed = time.perf_counter_ns() - start
-            assert handle is not None
-            return elapsed
-
-        async def raw(index: int) -> int:
-            thread_id = threads[index % LOOKUP_THREADS]
-            start = time.perf_counter_ns()
-            row = await self.pool.fetchrow(RAW_ACTIVE_BY_THREAD, thread_id)
-            elapsed = time.perf_counter_ns() - start
-            assert row is not None
-            return elapsed
-
-        timings = await self.interleave({"ours": ours, "raw": raw})
+        timings = await self.interleave(lookup_probes(self.registry, self.pool, threads))
         for index in range(LOOKUP_THREADS):
             await self.registry.remove_by_run_id(self.ids("lookup", index)[0])
         return timings

@@ -63,15 +63,17 @@ from datetime import timedelta
 import asyncpg
 from _shared import (
     Headline,
+    Probe,
     benchmark_database,
     benchmark_parser,
     benchmark_server,
+    interleave,
     print_measured,
     print_table,
     raw_pool,
     write_summary,
 )
-from core import RAW_ACTIVE_BY_THREAD, RAW_FORWARD
+from core import RAW_ACTIVE_BY_THREAD, RAW_FORWARD, lookup_probes
 
 from registry import RegistrySettings, RunHandle, RunRegistry, ToolCallDecision
 from registry.database import asyncpg_dsn
@@ -205,8 +207,6 @@ RAW_REPLAY = """
     SELECT seq, data FROM stream_chunks WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3
 """
 
-Probe = Callable[[int], Awaitable[int]]
-
 
 def micros(nanoseconds: float) -> str:
     return (
@@ -219,17 +219,9 @@ def percentile(values: Sequence[int], fraction: float) -> float:
     return float(ordered[max(0, min(len(ordered) - 1, int(fraction * len(ordered))))])
 
 
-async def interleave(probes: dict[str, Probe], iterations: int, warmup: int) -> dict[str, float]:
-    """p50 (ns) of each probe over ``iterations`` calls after ``warmup``, call by call in turn
-    (the first one rotating), so that drift and neighbours hit every probe alike."""
-    names = list(probes)
-    samples: dict[str, list[int]] = {name: [] for name in names}
-    for index in range(warmup + iterations):
-        shift = index % len(names)
-        for name in names[shift:] + names[:shift]:
-            elapsed = await probes[name](index)
-            if index >= warmup:
-                samples[name].append(elapsed)
+async def medians(probes: dict[str, Probe], iterations: int, warmup: int) -> dict[str, float]:
+    """p50 (ns) of each probe, the probes interleaved call by call."""
+    samples = await interleave(probes, iterations, warmup)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -295,28 +287,12 @@ class Bench:
         ]
         for name, make, count in steps:
             gc.collect()
-            p50 = await interleave(await make(), count, min(WARMUP, count))
+            p50 = await medians(await make(), count, min(WARMUP, count))
             figures[name] = (p50["ours"], p50["raw"])
         return figures
 
     async def lookup(self) -> dict[str, Probe]:
-        async def ours(index: int) -> int:
-            thread_id = self.threads[index % WORKING_RUNS]
-            start = time.perf_counter_ns()
-            handle = await self.registry.handle_by_thread(thread_id)
-            elapsed = time.perf_counter_ns() - start
-            assert handle is not None
-            return elapsed
-
-        async def raw(index: int) -> int:
-            thread_id = self.threads[index % WORKING_RUNS]
-            start = time.perf_counter_ns()
-            row = await self.pool.fetchrow(RAW_ACTIVE_BY_THREAD, thread_id)
-            elapsed = time.perf_counter_ns() - start
-            assert row is not None
-            return elapsed
-
-        return {"ours": ours, "raw": raw}
+        return lookup_probes(self.registry, self.pool, self.threads)
 
     def decision(self, index: int) -> ToolCallDecision:
         return ToolCallDecision.resume(
