@@ -3,7 +3,7 @@
 Run it from the checkout, with the project installed (``pip install -e '.[dev]'``)::
 
     python bench/history.py [--database-url URL] [--sizes 10000,100000,1000000]
-                            [--iterations N] [--summary PATH]
+                            [--iterations N] [--explain] [--summary PATH]
 
 The server is ``--database-url``, else ``$REGISTRY_DATABASE_URL``, else an embedded PostgreSQL
 started in a temporary directory (and shut down at the end). The benchmark creates a fresh
@@ -32,6 +32,11 @@ interleaved call by call, and prints p50:
   ``UPDATE ... FOR UPDATE SKIP LOCKED`` (the orphan's insert and removal are not timed);
 * replay: a subscriber of a run with ``REPLAY_CHUNKS`` stored chunks reading them all
   (``subscribe_thread_run_stream(after_seq=0)``), against one SELECT of those chunks.
+
+Each size is measured in two rounds and each p50 is the lower of the two (a neighbour's burst
+on a shared machine inflates one round, rarely both). ``--explain`` prints, at each size,
+``EXPLAIN (ANALYZE, BUFFERS)`` of the replay's read, the thread lookup and the adoption's
+candidate scan: what bounds a figure that grows.
 
 Each figure is printed as ours, baseline, ours / baseline, and as its ratio to the same figure
 on the smallest history. Goal: each of ours within 1.3x of the smallest history. Storage: table
