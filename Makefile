@@ -25,14 +25,13 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# each script makes (and drops) its own database: on $REGISTRY_DATABASE_URL if set, else on an
-# embedded PostgreSQL; Redis baselines are skipped when none answers at $BENCH_REDIS_URL
+# every script in bench/, sized to about 10 minutes on 2 cores, then one summary table; each
+# makes (and drops) its own database: on $REGISTRY_DATABASE_URL if set, else on an embedded
+# PostgreSQL; Redis baselines are skipped when none answers at $BENCH_REDIS_URL. Run a script
+# on its own (python bench/fleet.py ...) for its full-size figures.
 bench: install
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
-	$(BIN)/python bench/core.py
-	$(BIN)/python bench/streams.py
-	$(BIN)/python bench/fleet.py
-	$(BIN)/python bench/decisions.py
+	$(BIN)/python bench/summary.py
 
 install-demo: $(DEMO_STAMP)
 

@@ -1,17 +1,22 @@
-"""What both benchmarks share: child processes spoken to by lines, and a throwaway database.
+"""What the benchmarks share: child processes spoken to by lines, a throwaway database, and
+the summary file of headline figures.
 
-Not a benchmark itself. `core.py` and `streams.py` import it from their own directory.
+Not a benchmark itself. The scripts in ``bench/`` import it from their own directory.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import dataclasses
+import json
 import os
 import secrets
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -70,6 +75,11 @@ class Child:
             await child.kill()
             raise
         return child
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return self._process.pid
 
     async def send(self, *words: str) -> None:
         """Write one command line to the child."""
@@ -159,3 +169,115 @@ async def benchmark_database(server_url: str) -> AsyncIterator[BenchDatabase]:
     finally:
         async with admin_connection(server_url) as connection:
             await repository.drop_database(connection, name)
+
+
+# --- the summary every script can append to (bench/summary.py prints it as one table) -----------
+
+
+@dataclass(frozen=True)
+class Headline:
+    """One headline figure of a benchmark, as text ready to print (units included)."""
+
+    bench: str
+    name: str
+    ours: str
+    baseline: str
+    ratio: str
+    goal: str
+    #: whether the goal was met; ``None`` when the figure has no goal
+    met: bool | None
+
+    @classmethod
+    def from_cells(
+        cls, bench: str, name: str, ours: str, baseline: str, ratio: str, goal: str
+    ) -> Self:
+        """A headline from a printed table row whose goal cell ends in ``met`` or ``MISSED``."""
+        met = True if goal.endswith(" met") else False if goal.endswith("MISSED") else None
+        if met is not None:
+            goal = goal.rsplit(" ", 1)[0]
+        return cls(bench, name, ours, baseline, ratio, goal if goal != "-" else "", met)
+
+
+def add_summary_option(parser: argparse.ArgumentParser) -> None:
+    """``--summary PATH``: append the headline figures to PATH, one JSON object a line."""
+    parser.add_argument(
+        "--summary",
+        metavar="PATH",
+        help="append the headline figures (name, ours, baseline, ratio, goal, met) to PATH as "
+        "JSON lines, for bench/summary.py",
+    )
+
+
+def write_summary(path: str | None, headlines: Sequence[Headline]) -> None:
+    """Append ``headlines`` to the JSON-lines file at ``path`` (nothing without a path)."""
+    if not path:
+        return
+    with open(path, "a", encoding="utf-8") as file:
+        for headline in headlines:
+            file.write(json.dumps(dataclasses.asdict(headline)) + "\n")
+
+
+def read_summary(path: str) -> list[Headline]:
+    """Every headline appended to ``path``, in order."""
+    with open(path, encoding="utf-8") as file:
+        return [Headline(**json.loads(line)) for line in file if line.strip()]
+
+
+# --- timing calls ---------------------------------------------------------------------------------
+
+#: one timed call: takes the iteration's index, returns the nanoseconds it took
+Probe = Callable[[int], Awaitable[int]]
+
+
+async def interleave(
+    probes: dict[str, Probe], iterations: int, warmup: int
+) -> dict[str, list[int]]:
+    """Each probe's durations over ``iterations`` calls after ``warmup`` calls.
+
+    The probes run call by call in turn, the first one rotating, so that drift and noisy
+    neighbours hit every probe alike.
+    """
+    names = list(probes)
+    samples: dict[str, list[int]] = {name: [] for name in names}
+    for index in range(warmup + iterations):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            elapsed = await probes[name](index)
+            if index >= warmup:
+                samples[name].append(elapsed)
+    return samples
+
+
+# --- what every script's command line and report share ------------------------------------------
+
+
+def benchmark_parser(description: str) -> argparse.ArgumentParser:
+    """A command line with ``--database-url`` and ``--summary``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("REGISTRY_DATABASE_URL"),
+        help="PostgreSQL server to benchmark on; a fresh database is created there "
+        "(default: $REGISTRY_DATABASE_URL, else an embedded PostgreSQL)",
+    )
+    add_summary_option(parser)
+    return parser
+
+
+def print_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> None:
+    """Print ``lines`` under ``header`` in aligned columns."""
+    table = [header, *lines]
+    widths = [max(len(line[column]) for line in table) for column in range(len(header))]
+    for index, line in enumerate(table):
+        cells = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+        print(" | ".join(cells).rstrip())
+        if index == 0:
+            print("-+-".join("-" * width for width in widths))
+
+
+def print_measured(started: float, load_before: float, load_after: float) -> None:
+    """The closing line: seconds since ``started`` (monotonic), the load around the run."""
+    print(
+        f"measured in {time.monotonic() - started:.1f} s; 1-minute load average "
+        f"{load_before:.2f} before, {load_after:.2f} after"
+    )

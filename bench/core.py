@@ -101,11 +101,16 @@ import sqlalchemy
 from _shared import (
     CHILD_TIMEOUT,
     Child,
+    Headline,
+    Probe,
+    add_summary_option,
     benchmark_database,
     benchmark_server,
+    interleave,
     raw_pool,
     say,
     stdin_reader,
+    write_summary,
 )
 
 from registry import (
@@ -534,7 +539,6 @@ async def child_process(mode: str, url: str, run_id: str | None = None) -> Async
 
 
 #: one timed call of one variant: given the iteration index, return nanoseconds
-Probe = Callable[[int], Awaitable[int]]
 
 
 @dataclass(frozen=True)
@@ -575,6 +579,31 @@ async def run_concurrently(jobs: Sequence[Callable[[], Awaitable[int]]], limit: 
     return Drain(time.perf_counter_ns() - start, total)
 
 
+def lookup_probes(
+    registry: RunRegistry, pool: asyncpg.Pool, threads: Sequence[str]
+) -> dict[str, Probe]:
+    """``handle_by_thread`` and its raw SELECT, over ``threads`` in turn (each has an active
+    run)."""
+
+    async def ours(index: int) -> int:
+        thread_id = threads[index % len(threads)]
+        start = time.perf_counter_ns()
+        handle = await registry.handle_by_thread(thread_id)
+        elapsed = time.perf_counter_ns() - start
+        assert handle is not None
+        return elapsed
+
+    async def raw(index: int) -> int:
+        thread_id = threads[index % len(threads)]
+        start = time.perf_counter_ns()
+        row = await pool.fetchrow(RAW_ACTIVE_BY_THREAD, thread_id)
+        elapsed = time.perf_counter_ns() - start
+        assert row is not None
+        return elapsed
+
+    return {"ours": ours, "raw": raw}
+
+
 @dataclass
 class Bench:
     """What every measurement needs: the database, our registry, a raw pool, a unique tag."""
@@ -599,14 +628,7 @@ class Bench:
         """
         iterations = self.iterations if iterations is None else iterations
         warmup = self.warmup if warmup is None else warmup
-        names = list(probes)
-        samples: dict[str, list[int]] = {name: [] for name in names}
-        for index in range(warmup + iterations):
-            shift = index % len(names)
-            for name in names[shift:] + names[:shift]:
-                elapsed = await probes[name](index)
-                if index >= warmup:
-                    samples[name].append(elapsed)
+        samples = await interleave(probes, iterations, warmup)
         return {name: Timings.from_ns(values) for name, values in samples.items()}
 
     async def register_remove(self) -> dict[str, Timings]:
@@ -637,23 +659,7 @@ class Bench:
             await self.registry.register(run_id, AGENT_ID, thread_id)
             threads.append(thread_id)
 
-        async def ours(index: int) -> int:
-            thread_id = threads[index % LOOKUP_THREADS]
-            start = time.perf_counter_ns()
-            handle = await self.registry.handle_by_thread(thread_id)
-            elapsed = time.perf_counter_ns() - start
-            assert handle is not None
-            return elapsed
-
-        async def raw(index: int) -> int:
-            thread_id = threads[index % LOOKUP_THREADS]
-            start = time.perf_counter_ns()
-            row = await self.pool.fetchrow(RAW_ACTIVE_BY_THREAD, thread_id)
-            elapsed = time.perf_counter_ns() - start
-            assert row is not None
-            return elapsed
-
-        timings = await self.interleave({"ours": ours, "raw": raw})
+        timings = await self.interleave(lookup_probes(self.registry, self.pool, threads))
         for index in range(LOOKUP_THREADS):
             await self.registry.remove_by_run_id(self.ids("lookup", index)[0])
         return timings
@@ -1123,7 +1129,9 @@ async def describe_server(url: str) -> str:
     return f"PostgreSQL {version}"
 
 
-async def run_benchmark(server_url: str, where: str, iterations: int) -> None:
+async def run_benchmark(
+    server_url: str, where: str, iterations: int, summary: str | None = None
+) -> None:
     async with benchmark_database(server_url) as database:
         url, name, version_num = database.url, database.name, database.version_num
         print(f"server:   {await describe_server(url)} (server_version_num {version_num})")
@@ -1139,6 +1147,14 @@ async def run_benchmark(server_url: str, where: str, iterations: int) -> None:
         load_after = os.getloadavg()[0]
         print()
         print_table(rows)
+        headlines = [row.cells() for row in rows if row.goal is not None]
+        write_summary(
+            summary,
+            [
+                Headline.from_cells("core", f"{name}, {metric}", *rest)
+                for name, metric, *rest in headlines
+            ],
+        )
         print()
         print("ratio = ours / baseline (time; lower is better).")
         print(
@@ -1192,6 +1208,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         default=DEFAULT_ITERATIONS,
         help=f"measured iterations per operation (default {DEFAULT_ITERATIONS})",
     )
+    add_summary_option(parser)
     parser.add_argument("--child", choices=CHILD_MODES, help=argparse.SUPPRESS)
     parser.add_argument("--run-id", help=argparse.SUPPRESS)
     arguments = parser.parse_args(argv)
@@ -1206,7 +1223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(child_main(arguments.child, arguments.database_url, arguments.run_id))
         return 0
     with benchmark_server(arguments.database_url) as (server_url, where):
-        asyncio.run(run_benchmark(server_url, where, arguments.iterations))
+        asyncio.run(run_benchmark(server_url, where, arguments.iterations, arguments.summary))
     return 0
 
 

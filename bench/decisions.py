@@ -73,7 +73,14 @@ from typing import Any
 
 import asyncpg
 import sqlalchemy
-from _shared import benchmark_database, benchmark_server, say, stdin_reader
+from _shared import (
+    add_summary_option,
+    benchmark_database,
+    benchmark_server,
+    say,
+    stdin_reader,
+    write_summary,
+)
 from fleet import (
     CHECKPOINTS,
     CHECKPOINTS_17,
@@ -88,6 +95,7 @@ from fleet import (
     child_groups,
     cpu_over,
     duration_text,
+    headlines,
     percentile,
     print_table,
     rate_text,
@@ -692,7 +700,9 @@ def result_rows(outcomes: dict[str, Outcome]) -> list[Row]:
     ]
 
 
-async def run_benchmark(plan: Plan, server_url: str, where: str) -> None:
+async def run_benchmark(
+    plan: Plan, server_url: str, where: str, summary: str | None = None
+) -> None:
     async with benchmark_database(server_url) as database:
         url, name = database.url, database.name
         connection = await asyncpg.connect(asyncpg_dsn(url))
@@ -748,6 +758,7 @@ async def run_benchmark(plan: Plan, server_url: str, where: str) -> None:
     print()
     header = ["measure", *(VARIANT_NAMES[name] for name in outcomes), "ours ÷ PGQueuer", "goal"]
     print_table(header, result_rows(outcomes))
+    write_summary(summary, headlines("decisions", header[1:], result_rows(outcomes)))
     print()
     print(
         "ours ÷ PGQueuer: ratio of the figures themselves (rates: higher is better; latencies, "
@@ -832,6 +843,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         default=1,
         help="decisions per forward call (PGQueuer: jobs per enqueue call), for diagnosis (1)",
     )
+    add_summary_option(parser)
     parser.add_argument("--child", choices=CHILD_MODES, help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
@@ -884,7 +896,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_call=arguments.per_call,
     )
     with benchmark_server(arguments.database_url) as (server_url, where):
-        asyncio.run(run_benchmark(plan, server_url, where))
+        asyncio.run(run_benchmark(plan, server_url, where, arguments.summary))
     return 0
 
 

@@ -103,7 +103,16 @@ import asyncpg
 import redis
 import redis.asyncio
 import sqlalchemy
-from _shared import Child, benchmark_database, benchmark_server, say, stdin_reader
+from _shared import (
+    Child,
+    Headline,
+    add_summary_option,
+    benchmark_database,
+    benchmark_server,
+    say,
+    stdin_reader,
+    write_summary,
+)
 from redis.typing import KeyT, StreamIdT
 
 from registry import RegistrySettings, RunHandle, RunRegistry, StreamSubscription
@@ -318,6 +327,23 @@ def print_table(header: list[str], rows: Sequence[Row]) -> None:
 
 def verdict(goal: str, met: bool) -> str:
     return f"{goal} " + ("met" if met else "MISSED")
+
+
+def headlines(bench: str, names: Sequence[str], rows: Sequence[Row]) -> list[Headline]:
+    """The rows with a goal, for ``--summary``: ours (the first column of figures) against
+    the second, named ``names[1]`` (raw here, PGQueuer in bench/decisions.py)."""
+    return [
+        Headline.from_cells(
+            bench,
+            row.measure,
+            row.values[0],
+            f"{row.values[1]} {names[1]}" if len(names) > 1 else "-",
+            row.ratio,
+            row.goal,
+        )
+        for row in rows
+        if row.goal != "-"
+    ]
 
 
 def result_rows(outcomes: dict[str, Outcome]) -> list[Row]:
@@ -1311,7 +1337,9 @@ async def connect_redis(url: str) -> tuple[redis.asyncio.Redis | None, str]:
     return client, f"Redis:    {info.get('redis_version', '?')} at {url}"
 
 
-async def run_benchmark(plan: Plan, server_url: str, where: str, redis_url: str) -> None:
+async def run_benchmark(
+    plan: Plan, server_url: str, where: str, redis_url: str, summary: str | None = None
+) -> None:
     async with benchmark_database(server_url) as database:
         url, name = database.url, database.name
         connection = await asyncpg.connect(asyncpg_dsn(url))
@@ -1387,6 +1415,7 @@ async def run_benchmark(plan: Plan, server_url: str, where: str, redis_url: str)
     header = ["measure", *(VARIANT_NAMES[name] for name in outcomes), "ours ÷ raw", "goal"]
     if "ours" in outcomes:
         print_table(header, result_rows(outcomes))
+        write_summary(summary, headlines("fleet", header[1:], result_rows(outcomes)))
     print()
     print(
         "ours ÷ raw: ratio of the figures themselves (rates: higher is better; latencies, CPU, "
@@ -1527,6 +1556,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help="run the first worker and subscriber process of each variant under cProfile "
         "over the window and write .pstats files here",
     )
+    add_summary_option(parser)
     parser.add_argument("--child", choices=CHILD_MODES, help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
@@ -1591,7 +1621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile_dir=arguments.profile_dir,
     )
     with benchmark_server(arguments.database_url) as (server_url, where):
-        asyncio.run(run_benchmark(plan, server_url, where, arguments.redis_url))
+        asyncio.run(run_benchmark(plan, server_url, where, arguments.redis_url, arguments.summary))
     return 0
 
 

@@ -77,11 +77,14 @@ import sqlalchemy
 from _shared import (
     CHILD_TIMEOUT,
     Child,
+    Headline,
+    add_summary_option,
     benchmark_database,
     benchmark_server,
     raw_pool,
     say,
     stdin_reader,
+    write_summary,
 )
 
 from registry import RunHandle, RunRegistry, StreamSubscription
@@ -707,7 +710,9 @@ async def describe_server(url: str) -> str:
     return str(version)
 
 
-async def run_benchmark(server_url: str, where: str, chunks: int, redis_url: str) -> None:
+async def run_benchmark(
+    server_url: str, where: str, chunks: int, redis_url: str, summary: str | None = None
+) -> None:
     async with benchmark_database(server_url) as database:
         url, name, version_num = database.url, database.name, database.version_num
         print(f"server:   {await describe_server(url)}")
@@ -723,6 +728,10 @@ async def run_benchmark(server_url: str, where: str, chunks: int, redis_url: str
         load_after = os.getloadavg()[0]
         print()
         print_table(rows)
+        write_summary(
+            summary,
+            [Headline.from_cells("streams", *row.cells()) for row in rows if row.goal != "-"],
+        )
         print()
         print(
             "ratio = ours / baseline in cost (time per chunk, or latency): "
@@ -772,6 +781,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help="Redis for the pub/sub baseline, skipped if none answers "
         f"(default: $BENCH_REDIS_URL, else {DEFAULT_REDIS_URL})",
     )
+    add_summary_option(parser)
     parser.add_argument("--child", choices=CHILD_MODES, help=argparse.SUPPRESS)
     parser.add_argument("--subscribers", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--run-id", help=argparse.SUPPRESS)
@@ -787,7 +797,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(child_main(arguments))
         return 0
     with benchmark_server(arguments.database_url) as (server_url, where):
-        asyncio.run(run_benchmark(server_url, where, arguments.chunks, arguments.redis_url))
+        asyncio.run(
+            run_benchmark(
+                server_url, where, arguments.chunks, arguments.redis_url, arguments.summary
+            )
+        )
     return 0
 
 
