@@ -9,6 +9,7 @@ run API.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -22,6 +23,9 @@ from registry.models import RunRecord, RunStatus, StreamChunk, check_count, chec
 from registry.settings import RegistrySettings
 
 _T = TypeVar("_T")
+
+#: streams (runs) whose chunks one retention transaction deletes
+PRUNE_BATCH_RUNS = 100
 
 
 class RegistryInspector:
@@ -183,10 +187,25 @@ class RegistryInspector:
         """Delete the stream chunks of runs that ended more than ``older_than`` ago.
 
         Returns how many chunks were deleted. Active runs' streams and decisions (the audit
-        trail) are never touched; a pruned stream can no longer be subscribed to.
+        trail) are never touched; a pruned stream can no longer be subscribed to. Deletes
+        ``PRUNE_BATCH_RUNS`` streams per transaction, oldest first, and pauses between batches
+        as long as each took (so a large backlog takes about twice its working time, and
+        publishers are not stalled behind it); each batch is committed, so an interrupted
+        prune keeps what it did and the next one goes on. Safe to run from several places at
+        once (they take disjoint batches).
         """
         if not isinstance(older_than, timedelta) or older_than < timedelta(0):
             raise InvalidInputError("older_than", "must be a non-negative timedelta")
         self._check_open()
-        async with self._lane.autocommit(write=True) as connection:
-            return await repository.prune_streams(connection, older_than)
+        deleted = 0
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            async with self._lane.autocommit(write=True) as connection:
+                batch = await repository.prune_streams(connection, older_than, PRUNE_BATCH_RUNS)
+            deleted += batch.chunks
+            if batch.runs < PRUNE_BATCH_RUNS:
+                return deleted
+            # paced: as long idle as the batch took, so publishers' commits (and their WAL
+            # flushes) are never queued behind a retention run for long
+            await asyncio.sleep(loop.time() - started)

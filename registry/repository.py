@@ -1285,27 +1285,46 @@ async def read_chunk_batch(
     return pages
 
 
+# One batch of retention: the oldest ended runs whose stream is still stored (by
+# ix_runs_prunable); SKIP LOCKED lets several pruners take disjoint batches.
 _PRUNE_STREAMS = """
     WITH expired AS (
         UPDATE runs SET stream_seq = NULL
-         WHERE status <> 'active' AND ended_at < now() - $1::interval
-           AND stream_seq IS NOT NULL
+         WHERE run_id IN (
+               SELECT run_id FROM runs
+                WHERE stream_seq IS NOT NULL AND ended_at IS NOT NULL
+                  AND ended_at < now() - $1::interval AND status <> 'active'
+                ORDER BY ended_at
+                LIMIT $2
+                  FOR UPDATE SKIP LOCKED
+               )
         RETURNING run_id
     ), deleted AS (
         DELETE FROM stream_chunks USING expired
          WHERE stream_chunks.run_id = expired.run_id
         RETURNING 1
     )
-    SELECT count(*) FROM deleted
+    SELECT (SELECT count(*) FROM expired) AS runs, (SELECT count(*) FROM deleted) AS chunks
 """
 
 
-async def prune_streams(connection: DriverConnection, older_than: timedelta) -> int:
-    """Delete the chunks of runs that ended before ``now() - older_than``; return how many.
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What one batch of :func:`prune_streams` removed: streams (runs) and chunks."""
+
+    runs: int
+    chunks: int
+
+
+async def prune_streams(connection: DriverConnection, older_than: timedelta, limit: int) -> Pruned:
+    """Delete the chunks of up to ``limit`` runs that ended before ``now() - older_than``,
+    oldest first; a batch of fewer than ``limit`` runs was the last.
 
     Never touches an active run's stream, and never decisions (the audit trail).
     """
-    return int(await connection.fetchval(_PRUNE_STREAMS, older_than))
+    row = await connection.fetchrow(_PRUNE_STREAMS, older_than, limit)
+    assert row is not None  # an aggregate over CTEs returns one row
+    return Pruned(int(row["runs"]), int(row["chunks"]))
 
 
 # --- inspection: read-only statements for operators, the CLI and the demo --------------------

@@ -104,6 +104,19 @@ runs = Table(
         "lease_expires_at",
         postgresql_where=text("status = 'active'"),
     ),
+    # adoption's scan, in its order: expired (and never leased) runs first
+    Index(
+        "ix_runs_active_lease",
+        text("lease_expires_at NULLS FIRST"),
+        "created_at",
+        postgresql_where=text("status = 'active'"),
+    ),
+    # prune's scan: ended runs whose stream is still stored, oldest first
+    Index(
+        "ix_runs_prunable",
+        "ended_at",
+        postgresql_where=text("stream_seq IS NOT NULL AND ended_at IS NOT NULL"),
+    ),
 )
 
 decisions = Table(

@@ -15,8 +15,10 @@ from registry import (
     StreamChunk,
     StreamClosedError,
     StreamSubscription,
+    inspection,
+    repository,
 )
-from registry.database import asyncpg_dsn
+from registry.database import DriverConnection, asyncpg_dsn
 from registry.listener import LISTENER_APPLICATION_NAME
 from tests.helpers.database import session_pids
 
@@ -239,6 +241,40 @@ async def test_prune_deletes_only_ended_streams(
         await connection.close()
     with pytest.raises(InvalidInputError):
         await run_registry.prune(older_than=timedelta(seconds=-1))
+
+
+async def test_prune_works_through_a_backlog_in_batches(
+    run_registry: RunRegistry, registry_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(inspection, "PRUNE_BATCH_RUNS", 4)
+    for index in range(10):
+        handle = await run_registry.register(f"run-{index}", "agent-a", f"thread-{index}")
+        await handle.bind_stream_fanout()
+        await handle.publish_many([b"a", b"b", b"c"])
+        await handle.remove()
+    live = await run_registry.register("run-live", "agent-a", "thread-live")
+    await live.bind_stream_fanout()
+    await live.publish(b"keep")
+    batches: list[int] = []
+    prune_streams = repository.prune_streams
+
+    async def counted(
+        connection: DriverConnection, older_than: timedelta, limit: int
+    ) -> repository.Pruned:
+        pruned = await prune_streams(connection, older_than, limit)
+        batches.append(pruned.runs)
+        return pruned
+
+    monkeypatch.setattr(repository, "prune_streams", counted)
+    assert await run_registry.prune(older_than=timedelta(0)) == 30
+    assert batches == [4, 4, 2], "three transactions; the short one was the last"
+    connection = await asyncpg.connect(asyncpg_dsn(registry_database_url))
+    try:
+        left = await connection.fetch("SELECT run_id FROM stream_chunks")
+    finally:
+        await connection.close()
+    assert [row["run_id"] for row in left] == ["run-live"]
+    assert await run_registry.prune(older_than=timedelta(0)) == 0
 
 
 async def test_chunks_missed_while_listener_was_down_are_replayed(
