@@ -359,6 +359,54 @@ async def run_states(connection: DriverConnection, run_ids: Sequence[str]) -> li
     return [_run_state(row) for row in await connection.fetch(_RUN_STATES, list(run_ids))]
 
 
+# The safety net's run check, answered by the server: the watched runs, with what the process
+# already knows as short lists of exceptions (runs whose cancel it has seen, runs it has not
+# yet seen active, subscribers' lowest positions); only the rows that say more come back, or
+# a missing row (the run is gone), so the answer grows with what changed.
+_CHANGED_RUN_STATES = """
+    SELECT known.run_id, runs.status, runs.cancel_requested_at, runs.stream_seq,
+           runs.owner_epoch
+      FROM unnest($1::text[]) AS known(run_id)
+      LEFT JOIN runs ON runs.run_id = known.run_id
+      LEFT JOIN unnest($4::text[], $5::bigint[]) AS read(run_id, position)
+             ON read.run_id = known.run_id
+     WHERE runs.run_id IS NULL
+        OR runs.status NOT IN ('active', 'queued')
+        OR (runs.cancel_requested_at IS NOT NULL AND known.run_id <> ALL($2::text[]))
+        OR (runs.status = 'active' AND known.run_id = ANY($3::text[]))
+        OR runs.stream_seq > read.position
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class KnownRuns:
+    """What a process already knows of the runs it watches, for :func:`changed_run_states`:
+    every watched ``run_ids``; of those, the ones whose cancel it has seen, the ones it has not
+    yet seen active, and for runs with subscribers, the lowest subscriber position."""
+
+    run_ids: list[str]
+    cancelled: list[str]
+    not_active: list[str]
+    stream_positions: dict[str, int]
+
+
+async def changed_run_states(
+    connection: DriverConnection, known: KnownRuns
+) -> tuple[list[RunState], list[str]]:
+    """The states of the runs in ``known`` that say more than is known (ended, cancelled,
+    activated, chunks past the position), and the ids of those that no longer exist."""
+    rows = await connection.fetch(
+        _CHANGED_RUN_STATES,
+        known.run_ids,
+        known.cancelled,
+        known.not_active,
+        list(known.stream_positions),
+        list(known.stream_positions.values()),
+    )
+    gone = [row["run_id"] for row in rows if row["status"] is None]
+    return [_run_state(row) for row in rows if row["status"] is not None], gone
+
+
 _STREAM_STATE = """
     SELECT run_id, status, cancel_requested_at, stream_seq, owner_epoch FROM runs WHERE run_id = $1
 """
@@ -1007,28 +1055,31 @@ async def ack_decisions(connection: DriverConnection, acks: Sequence[Ack]) -> li
     return [None if not row["owned"] else bool(row["acked"]) for row in rows]
 
 
-_OPEN_DECISION_HEADS = """
-    SELECT run_id, max(id) AS newest, bool_or(status = 'pending') AS pending FROM decisions
-     WHERE run_id = ANY($1::text[]) AND status IN ('pending', 'delivered')
-     GROUP BY run_id
+# The safety net's inbox check, answered by the server: only the runs whose inboxes are
+# behind come back, so its cost on the wire and in the process grows with what changed.
+_INBOXES_BEHIND = """
+    SELECT known.run_id
+      FROM unnest($1::text[], $2::bigint[]) AS known(run_id, position)
+     WHERE EXISTS (
+           SELECT 1 FROM decisions
+            WHERE decisions.run_id = known.run_id AND status IN ('pending', 'delivered')
+              -- a pending one may sit below the cursor (ids are drawn at insert)
+              AND (status = 'pending' OR id > known.position)
+           )
 """
 
 
-@dataclass(frozen=True, slots=True)
-class OpenDecisions:
-    """A run's unacknowledged decisions, as the inboxes' safety-net check sees them."""
-
-    newest: int
-    #: whether any is still unclaimed (it may sit below an inbox's cursor)
-    pending: bool
-
-
-async def open_decision_heads(
-    connection: DriverConnection, run_ids: Sequence[str]
-) -> dict[str, OpenDecisions]:
-    """For each run with unacknowledged decisions: the newest id, and whether any is pending."""
-    rows = await connection.fetch(_OPEN_DECISION_HEADS, list(run_ids))
-    return {row["run_id"]: OpenDecisions(int(row["newest"]), bool(row["pending"])) for row in rows}
+async def inboxes_behind(
+    connection: DriverConnection, positions: Sequence[tuple[str, int]]
+) -> list[str]:
+    """Of the runs in ``positions`` (run id, the lowest cursor of its open inboxes): those
+    with a pending decision, or an unacknowledged one past that cursor."""
+    rows = await connection.fetch(
+        _INBOXES_BEHIND,
+        [run_id for run_id, _position in positions],
+        [position for _run_id, position in positions],
+    )
+    return [row["run_id"] for row in rows]
 
 
 _DECISIONS_OF_RUN = """

@@ -367,32 +367,39 @@ class SafetyNet:
         return None
 
     async def recheck(self) -> None:
-        """Re-read the tables for every live watch, in two round trips at most."""
+        """Re-read the tables for every live watch, in two round trips at most; the server
+        compares and answers only for the runs whose rows say more than the watch knows."""
         watches = self._dispatcher.live()
         if not watches:
             return
         by_id = {watch.run_id: watch for watch in watches}
-        with_inboxes = [watch.run_id for watch in watches if len(watch.inboxes)]
+        known = repository.KnownRuns(list(by_id), [], [], {})
+        positions: list[tuple[str, int]] = []  # the lowest cursor of each run's inboxes
+        # one pass, short lists: what goes over the wire beyond the ids is the exceptions
+        for watch in watches:
+            if watch.cancelled.is_set():
+                known.cancelled.append(watch.run_id)
+            if not watch.activated.is_set():
+                known.not_active.append(watch.run_id)
+            if watch.streams:
+                position = min([stream.position() for stream in watch.streams])
+                known.stream_positions[watch.run_id] = position
+            if watch.inboxes:
+                positions.append((watch.run_id, min([inbox.position() for inbox in watch.inboxes])))
         async with self._lane.autocommit() as connection:
-            states = await repository.run_states(connection, list(by_id))
-            heads = (
-                await repository.open_decision_heads(connection, with_inboxes)
-                if with_inboxes
-                else {}
-            )
+            states, gone = await repository.changed_run_states(connection, known)
+            behind = await repository.inboxes_behind(connection, positions) if positions else []
         for state in states:
-            by_id[state.run_id].apply(state.status, cancel_requested=state.cancel_requested)
-        for run_id, open_decisions in heads.items():
+            watch = by_id[state.run_id]
+            watch.apply(state.status, cancel_requested=state.cancel_requested)
+            if state.stream_seq is not None:
+                for stream in watch.streams:
+                    if stream.position() < state.stream_seq:
+                        stream.wake()
+        for run_id in behind:
             for inbox in by_id[run_id].inboxes:
-                if open_decisions.pending or inbox.position() < open_decisions.newest:
-                    inbox.wake()
-        for state in states:
-            if state.stream_seq is None:
-                continue
-            for stream in by_id[state.run_id].streams:
-                if stream.position() < state.stream_seq:
-                    stream.wake()
-        for run_id in by_id.keys() - {state.run_id for state in states}:
+                inbox.wake()
+        for run_id in gone:
             by_id[run_id].end()  # the row is gone: nothing will ever arrive
 
     async def _loop(self) -> None:

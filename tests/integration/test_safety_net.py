@@ -7,8 +7,8 @@ import asyncio
 import asyncpg
 import pytest
 
-from registry import RegistrySettings, RunRegistry
-from registry.database import asyncpg_dsn
+from registry import RegistrySettings, RunRegistry, repository
+from registry.database import DriverConnection, asyncpg_dsn
 
 FAST = RegistrySettings(safety_interval=0.2, health_interval=0.5)
 # long enough that only a reconnect-triggered re-check can explain a quick trip
@@ -156,3 +156,39 @@ async def test_without_a_listener_waiters_still_see_changes(registry_database_ur
             assert (await asyncio.wait_for(waiting, 5)).decision.target_id == "t"
         await other.cancel_active_run_by_id("run-1")
         await asyncio.wait_for(token.wait(), 5)
+
+
+async def test_the_recheck_answers_only_for_what_changed(
+    registry_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answered: list[int] = []
+    settled = asyncio.Event()
+    changed_run_states = repository.changed_run_states
+
+    async def counted(
+        connection: DriverConnection, known: repository.KnownRuns
+    ) -> tuple[list[repository.RunState], list[str]]:
+        states, gone = await changed_run_states(connection, known)
+        answered.append(len(states) + len(gone))
+        if len(answered) >= 2:
+            settled.set()  # the re-check has run and seen them all
+        return states, gone
+
+    monkeypatch.setattr(repository, "changed_run_states", counted)
+    async with await RunRegistry.connect(registry_database_url, settings=FAST) as run_registry:
+        handles = [
+            await run_registry.register(f"run-{n}", "agent-a", f"thread-{n}") for n in range(40)
+        ]
+        tokens = [handle.cancellation_token() for handle in handles]
+        await asyncio.wait_for(settled.wait(), 5)
+        quiet = len(answered)
+        await _execute(
+            registry_database_url,
+            "UPDATE runs SET cancel_requested_at = now() WHERE run_id = $1",
+            "run-7",
+        )
+        await asyncio.wait_for(tokens[7].wait(), 5)
+        assert not any(token.is_cancelled() for n, token in enumerate(tokens) if n != 7)
+    assert answered[quiet - 1] == 0, "with nothing changed, nothing came back"
+    assert 1 in answered[quiet:], "the one run that changed, and only it"
+    assert max(answered[quiet:]) == 1
