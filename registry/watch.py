@@ -64,6 +64,13 @@ def _consume(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+def _canceller(task: asyncio.Future[Any]) -> Callable[[asyncio.Future[None]], None]:
+    def cancel(_signal: asyncio.Future[None]) -> None:
+        task.cancel()
+
+    return cancel
+
+
 class Closing:
     """Whether the registry has closed, shared by its watches; waiters race their I/O with it.
 
@@ -101,23 +108,26 @@ class Closing:
         meanwhile), ``awaitable`` is cancelled and :class:`RegistryClosedError` raised.
         Cancelling the caller cancels ``awaitable`` too.
         """
-        future = asyncio.ensure_future(awaitable)
-        future.add_done_callback(_consume)
-        if not self._closed:
-            if self._signal is None:
-                self._signal = asyncio.get_running_loop().create_future()
-            either: set[asyncio.Future[Any]] = {future, self._signal}
-            try:
-                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                future.cancel()
-                raise
-        if future.done() and not future.cancelled() and future.exception() is None:
-            return future.result()
-        if not self._closed:
-            return future.result()  # it failed on its own: its error, as awaiting it gives
-        future.cancel()
-        raise RegistryClosedError()
+        task = asyncio.ensure_future(awaitable)
+        task.add_done_callback(_consume)
+        if self._closed:
+            task.cancel()
+            raise RegistryClosedError()
+        if self._signal is None:
+            self._signal = asyncio.get_running_loop().create_future()
+        signal = self._signal
+        # a callback, not asyncio.wait: the close cancels the task itself, at no cost per call
+        stop = _canceller(task)
+        signal.add_done_callback(stop)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            caller = asyncio.current_task()
+            if self._closed and (caller is None or not caller.cancelling()):
+                raise RegistryClosedError() from None
+            raise
+        finally:
+            signal.remove_done_callback(stop)
 
 
 class Lease:
