@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
-from registry import repository
+from registry import repository, telemetry
 from registry.connections import ConnectionLane
 from registry.database import connect, translate_errors
 from registry.errors import LeaseLostError, RunEndedError
@@ -30,6 +30,7 @@ from registry.notifications import Keyring
 from registry.publisher import ChunkPublisher
 from registry.settings import RegistrySettings
 from registry.streams import SharedChunkReader
+from registry.telemetry import traced
 from registry.upkeep import LeaseKeeper, SafetyNet
 from registry.watch import Dispatcher, Lease, RunWatch
 
@@ -54,6 +55,7 @@ class RunParts:
     Built from the settings over the registry's connection lane: the dispatcher of
     notifications, the decision queue, the chunk publisher and shared chunk reader, the lease
     keeper, the safety net, and (after ``start(listen=True)``) the LISTEN supervisor.
+    ``target``: what the registry's spans and metrics say of its database and worker.
     :meth:`close` ends them all and closes the lane.
     """
 
@@ -63,10 +65,11 @@ class RunParts:
         lane: ConnectionLane,
         *,
         dsn: str,
-        worker_id: str,
+        target: telemetry.Target,
         settings: RegistrySettings,
     ) -> None:
         self.calls = calls
+        self.target = target
         self.max_chunk_bytes = settings.max_chunk_bytes
         self.dispatcher = Dispatcher()
         # statements of each kind in flight at most: half the lane; group commit gathers the
@@ -80,6 +83,7 @@ class RunParts:
             max_attempts=settings.max_delivery_attempts,
             max_delay=settings.safety_interval,
             concurrency=concurrency,
+            target=target,
         )
         self.publisher = ChunkPublisher(
             lane,
@@ -103,6 +107,7 @@ class RunParts:
             heartbeat_interval=settings.heartbeat_interval,
         )
         self.safety_net = SafetyNet(lane, self.dispatcher, interval=settings.safety_interval)
+        telemetry.watch_held_runs(self.leases, target)
         self.listener: Listener | None = None
         self._lane = lane
         self._dsn = dsn
@@ -138,6 +143,7 @@ class RunParts:
         # notifications sent while the listener was away are lost: everyone reads the tables
         self.dispatcher.wake_streams()
         self.safety_net.recheck_soon()
+        telemetry.reconnected(self.target)
 
     async def end_held_run(
         self, lease: Lease, outcome: RunOutcome | None = None, reason: str | None = None
@@ -183,6 +189,7 @@ class RunParts:
         # first what needs no server, so that no cancel or silent server can stop it: every
         # waiter ends now, and no new work starts (a background round trip in flight may
         # finish: cut mid-statement, it would leave the driver a half-done exchange)
+        telemetry.forget_held_runs(self.leases)
         self.dispatcher.close()
         self.reader.close()
         self.leases.halt()
@@ -320,6 +327,11 @@ class RunHandle:
         return self._record.agent_id
 
     @property
+    def telemetry_target(self) -> telemetry.Target:
+        """What this run's spans and metrics say of the database and the worker."""
+        return self._parts.target
+
+    @property
     def record(self) -> RunRecord:
         """The run's row as it was when this handle was obtained (or :meth:`wait_active`
         returned): ``stream_seq`` and ``decision_cursor`` say how far a resumed or adopted
@@ -378,6 +390,7 @@ class RunHandle:
                     return record
                 await self._watch.wait_active()
 
+    @traced("finish", run_id="self.run_id", thread_id="self.thread_id")
     async def finish(self, outcome: RunOutcome | str, reason: str | None = None) -> bool:
         """End this run as ``outcome`` (``completed``, ``failed``, ``cancelled`` or
         ``interrupted``) with ``reason`` (stored as its ``end_reason``; default: the
@@ -410,6 +423,7 @@ class RunHandle:
         """Open this run's stream; see :meth:`RunRegistry.bind_thread_run_stream_fanout`."""
         return await self._parts.calls.bind_thread_run_stream_fanout(self.run_id)
 
+    @traced("publish", run_id="self.run_id", thread_id="self.thread_id")
     async def publish(self, chunk: bytes, *, after_seq: int | None = None) -> int:
         """Append ``chunk`` to the run's stream and return its sequence number.
 
@@ -423,9 +437,10 @@ class RunHandle:
         (nothing written in each case), and :class:`OutcomeUnknownError` without
         ``after_seq`` when the reply was lost (the chunk may be stored).
         """
-        [seq] = await self.publish_many([chunk], after_seq=after_seq)
+        [seq] = await self._append([chunk], after_seq)
         return seq
 
+    @traced("publish_many", run_id="self.run_id", thread_id="self.thread_id")
     async def publish_many(
         self, chunks: Sequence[bytes], *, after_seq: int | None = None
     ) -> list[int]:
@@ -433,6 +448,9 @@ class RunHandle:
 
         ``after_seq`` and the errors are as for :meth:`publish`.
         """
+        return await self._append(chunks, after_seq)
+
+    async def _append(self, chunks: Sequence[bytes], after_seq: int | None) -> list[int]:
         batch = check_chunks(chunks, max_chunk_bytes=self._parts.max_chunk_bytes)
         if after_seq is not None:
             check_count("after_seq", after_seq, minimum=0)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
-from registry import repository
+from registry import repository, telemetry
 from registry.batching import Batcher
 from registry.connections import ConnectionLane
 from registry.errors import (
@@ -27,6 +27,7 @@ from registry.errors import (
     RunEndedError,
 )
 from registry.models import DecisionDelivery
+from registry.telemetry import traced
 from registry.watch import Lease, RunWatch
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ class DecisionQueue:
     many times without an ack is dropped as dead-lettered. ``max_delay``: the longest pause
     between retries while the database is unavailable (claims wait through an outage).
     Acknowledgements that arrive together go in one statement, ``concurrency`` at most in
-    flight (see :mod:`registry.batching`).
+    flight (see :mod:`registry.batching`). ``target``: what its spans and metrics say of the
+    database and the worker.
     """
 
     def __init__(
@@ -53,8 +55,10 @@ class DecisionQueue:
         max_attempts: int,
         max_delay: float,
         concurrency: int = 4,
+        target: telemetry.Target,
     ) -> None:
         self._lane = lane
+        self.telemetry_target = target
         self.batch = batch
         self._max_attempts = max_attempts
         self._max_delay = max_delay
@@ -69,6 +73,7 @@ class DecisionQueue:
             name="registry-ack",
         )
 
+    @traced("claim_decisions", run_id="lease.run_id")
     async def claim(self, lease: Lease, after: int) -> repository.Claim:
         """Claim the run's next decisions after ``after`` (and any pending below it), under
         ``lease``'s owner epoch (``Claim.lease_lost`` if the run's epoch moved on).
@@ -93,8 +98,9 @@ class DecisionQueue:
                 claim.dead_lettered,
                 run_id,
                 self._max_attempts,
-                extra={"run_id": run_id},
+                extra=telemetry.log_fields(run_id, worker_id=self.telemetry_target.worker_id),
             )
+        telemetry.claimed(self.telemetry_target, claim.deliveries, claim.dead_lettered)
         return claim
 
     async def ack(self, lease: Lease, delivery: DecisionDelivery) -> bool | None:
@@ -154,6 +160,11 @@ class DecisionInbox:
     def run_id(self) -> str:
         """The run whose decisions this inbox delivers."""
         return self._watch.run_id
+
+    @property
+    def telemetry_target(self) -> telemetry.Target:
+        """What this inbox's spans and metrics say of the database and the worker."""
+        return self._queue.telemetry_target
 
     def __aiter__(self) -> Self:
         return self
@@ -236,6 +247,7 @@ class DecisionInbox:
         """The delivery id of the newest decision this inbox has claimed."""
         return self._after
 
+    @traced("ack_decision", run_id="self.run_id")
     async def ack(self, delivery: DecisionDelivery) -> bool:
         """Record that ``delivery`` was applied; it will not be delivered again.
 
@@ -253,6 +265,8 @@ class DecisionInbox:
         if acked is None:
             self._lose(self._lease)
             self._check_lease()
+        if acked:
+            telemetry.acknowledged(self.telemetry_target)
         return bool(acked)
 
     def _check_lease(self) -> None:

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Self, TypeVar, overload
 
-from registry import repository
+from registry import repository, telemetry
 from registry.connections import converge
 from registry.database import DriverConnection, asyncpg_dsn
 from registry.errors import InvalidInputError
@@ -39,6 +39,8 @@ from registry.schema import check_revision
 from registry.scope import Connecting, RunScope
 from registry.settings import RegistrySettings
 from registry.streams import StreamSubscription
+from registry.telemetry import traced
+from registry.urls import endpoint
 
 _T = TypeVar("_T")
 
@@ -68,9 +70,11 @@ class RunRegistry(RegistryInspector):
         super().__init__(dsn=dsn, settings=settings)
         self.worker_id = worker_id
         listen_dsn = dsn if listen_dsn is None else listen_dsn
-        self._parts = RunParts(
-            self, self._lane, dsn=listen_dsn, worker_id=worker_id, settings=settings
+        namespace, address, port = endpoint(dsn)
+        target = telemetry.Target(
+            namespace=namespace, address=address, port=port, worker_id=worker_id
         )
+        self._parts = RunParts(self, self._lane, dsn=listen_dsn, target=target, settings=settings)
         # forwards to many runs at once share statements (group commit)
         self._forwarder = DecisionForwarder(
             self._lane, self._parts.keyring, concurrency=max(1, settings.pool_size // 2)
@@ -154,6 +158,12 @@ class RunRegistry(RegistryInspector):
         await self._parts.close()
 
     @property
+    def telemetry_target(self) -> telemetry.Target:
+        """What this registry's spans and metrics say of its database and worker
+        (:mod:`registry.telemetry`)."""
+        return self._parts.target
+
+    @property
     def listener(self) -> Listener | None:
         """The LISTEN connection's supervisor (``None`` when connected with ``listen=False``)."""
         return self._parts.listener
@@ -168,6 +178,7 @@ class RunRegistry(RegistryInspector):
 
     # --- the seed's API ----------------------------------------------------------------------
 
+    @traced("register", run_id="run_id", thread_id="thread_id")
     async def register(
         self,
         run_id: str,
@@ -277,6 +288,7 @@ class RunRegistry(RegistryInspector):
         )
         return None if record is None else self._handle(record)
 
+    @traced("remove_by_run_id", run_id="run_id")
     async def remove_by_run_id(self, run_id: str) -> bool:
         """Finish the active run ``run_id``: ``cancelled`` if a cancel was requested, else
         ``completed`` (``RunHandle.finish`` records another outcome and a reason). Its
@@ -300,6 +312,7 @@ class RunRegistry(RegistryInspector):
         record = await self._active_run_of_thread(thread_id, agent_id)
         return None if record is None else record.run_id
 
+    @traced("forward_decisions_by_thread", thread_id="thread_id")
     async def forward_decisions_by_thread(
         self,
         agent_id: str,
@@ -319,8 +332,10 @@ class RunRegistry(RegistryInspector):
         result = await self._forwarder.forward(
             repository.Forward(batch, results, thread_id=thread_id, agent_id=agent_id)
         )
+        self._forwarded("thread_id", result)
         return None if result is None else ForwardedDecision(result.thread_id, result.run_id)
 
+    @traced("forward_decisions_by_run_id", run_id="run_id")
     async def forward_decisions_by_run_id(
         self,
         run_id: str,
@@ -333,7 +348,13 @@ class RunRegistry(RegistryInspector):
         check_id("run_id", run_id)
         batch, results = self._check_decisions(decisions)
         result = await self._forwarder.forward(repository.Forward(batch, results, run_id=run_id))
+        self._forwarded("run_id", result)
         return None if result is None else ForwardedDecision(result.thread_id, result.run_id)
+
+    def _forwarded(self, by: str, result: repository.ForwardResult | None) -> None:
+        telemetry.forwarded(self.telemetry_target, by=by, landed=result is not None)
+        if result is not None:
+            telemetry.annotate(run_id=result.run_id, thread_id=result.thread_id)
 
     def _check_decisions(self, decisions: object) -> tuple[list[ToolCallDecision], list[str]]:
         self._check_open()
@@ -355,6 +376,7 @@ class RunRegistry(RegistryInspector):
 
         return await converge(once)
 
+    @traced("cancel_active_run_by_id", run_id="run_id")
     async def cancel_active_run_by_id(self, run_id: str) -> bool:
         """Request cancellation of the active run ``run_id``; ``False`` if it is neither
         active nor queued.
@@ -373,6 +395,7 @@ class RunRegistry(RegistryInspector):
         async with self._lane.transaction() as connection:
             return await repository.cancel_queued_run(connection, run_id, key)
 
+    @traced("cancel_active_run_by_thread", thread_id="thread_id")
     async def cancel_active_run_by_thread(
         self, thread_id: str, *, agent_id: str | None = None
     ) -> str | None:
@@ -384,12 +407,15 @@ class RunRegistry(RegistryInspector):
         check_id("thread_id", thread_id)
         if agent_id is not None:
             check_id("agent_id", agent_id)
-        return await self._write(
+        cancelled = await self._write(
             lambda c, key: repository.request_cancel_by_thread(c, thread_id, agent_id, key)
         )
+        telemetry.annotate(run_id=cancelled)
+        return cancelled
 
     # --- ownership and recovery --------------------------------------------------------------
 
+    @traced("resume_owned_runs")
     async def resume_owned_runs(self) -> list[RunHandle]:
         """Renew and return the handles of the active runs this ``worker_id`` owns, oldest
         first.
@@ -404,6 +430,7 @@ class RunRegistry(RegistryInspector):
         records = await self._parts.leases.resume(self.worker_id)
         return [self._handle(record) for record in records]
 
+    @traced("adopt_orphaned_runs")
     async def adopt_orphaned_runs(self, limit: int = 100) -> list[RunHandle]:
         """Claim up to ``limit`` active runs whose owner's lease expired; return their handles.
 
@@ -429,11 +456,13 @@ class RunRegistry(RegistryInspector):
 
     # --- streams -----------------------------------------------------------------------------
 
+    @traced("bind_thread_run_stream_fanout", run_id="run_id")
     async def bind_thread_run_stream_fanout(self, run_id: str) -> bool:
         """Open the run's output stream; ``False`` when the run is not active. Idempotent."""
         check_id("run_id", run_id)
         return await self._write(lambda c, _key: repository.bind_stream(c, run_id))
 
+    @traced("subscribe_thread_run_stream", run_id="run_id")
     async def subscribe_thread_run_stream(
         self, run_id: str, after_seq: int | None = None
     ) -> StreamSubscription | None:

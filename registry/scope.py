@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
+from registry import telemetry
 from registry.errors import (
     RegistryClosedError,
     RegistryError,
@@ -83,6 +84,7 @@ class RunScope:
         self._task: asyncio.Task[object] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._stopped_body = False
+        self._span: telemetry.RunSpan | None = None
 
     async def __aenter__(self) -> RunHandle:
         if self._handle is not None:
@@ -93,9 +95,12 @@ class RunScope:
                 await handle.wait_active()
             except BaseException:
                 if not self._closed():
-                    await _quietly(handle.cancel(), handle.run_id, "cancel the queued run")
+                    await _quietly(handle.cancel(), handle, "cancel the queued run")
                 raise
         self._handle = handle
+        self._span = telemetry.RunSpan(
+            handle.telemetry_target, run_id=handle.run_id, thread_id=handle.thread_id
+        )
         self._token = handle.cancellation_token()
         self._task = asyncio.current_task()
         if self._cancel_body:
@@ -117,6 +122,17 @@ class RunScope:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> bool:
+        assert self._span is not None
+        try:
+            absorbed = await self._exit(exc)
+        except BaseException as error:
+            self._span.end(error)
+            raise
+        self._span.end(None if absorbed else exc)
+        return absorbed
+
+    async def _exit(self, exc: BaseException | None) -> bool:
+        # whether the block's exception is absorbed (the module's table)
         handle, token, task = self._handle, self._token, self._task
         assert handle is not None
         assert token is not None
@@ -131,7 +147,7 @@ class RunScope:
                 logger.warning(
                     "run %s ended after the registry closed: it stays active until adopted",
                     handle.run_id,
-                    extra={"run_id": handle.run_id},
+                    extra=_log_fields(handle),
                 )
             return isinstance(exc, RegistryClosedError)
         if token.lease_lost:
@@ -176,9 +192,13 @@ class RunScope:
                 handle.run_id,
                 outcome.value,
                 exc_info=True,
-                extra={"run_id": handle.run_id},
+                extra=_log_fields(handle),
             )
             return False
+
+
+def _log_fields(handle: RunHandle) -> dict[str, str]:
+    return telemetry.log_fields(handle.run_id, handle.thread_id, handle.record.owner_id)
 
 
 def _log_failure(task: asyncio.Future[bool]) -> None:
@@ -186,12 +206,14 @@ def _log_failure(task: asyncio.Future[bool]) -> None:
         logger.warning("recording a run's outcome failed", exc_info=task.exception())
 
 
-async def _quietly(action: Awaitable[object], run_id: str, what: str) -> None:
+async def _quietly(action: Awaitable[object], handle: RunHandle, what: str) -> None:
     # on the way out of a failed enter: the original error is what the caller must see
     try:
         await asyncio.shield(action)
     except (RegistryError, asyncio.CancelledError):
-        logger.warning("could not %s %s", what, run_id, exc_info=True, extra={"run_id": run_id})
+        logger.warning(
+            "could not %s %s", what, handle.run_id, exc_info=True, extra=_log_fields(handle)
+        )
 
 
 class Connecting(Generic[_Opened]):

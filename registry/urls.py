@@ -482,3 +482,16 @@ def connect_arguments(
         "server_settings": target.server_settings(application_name),
     }
     return target.dsn(translated=False), arguments
+
+
+def endpoint(url: str | URL) -> tuple[str | None, str | None, int | None]:
+    """The database name, the first host (a name, an address or a Unix socket directory) and
+    its port that ``url`` names, as libpq reads them (``None``: not given; a host without a
+    port has ``$PGPORT`` or 5432). What telemetry reports as ``db.namespace``,
+    ``server.address`` and ``server.port``. Raises :class:`InvalidInputError` as
+    :func:`asyncpg_dsn` does."""
+    target = _target(url)
+    if not target.hosts:
+        return target.database, None, target.port
+    host, port = target.hosts[0]
+    return target.database, host, _env_port() if port is None else port

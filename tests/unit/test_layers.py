@@ -21,6 +21,7 @@ LAYERS = {
     "errors": 0,
     "notifications": 0,
     "models": 1,
+    "telemetry": 1,
     "settings": 2,
     "tables": 2,
     "urls": 2,
