@@ -90,7 +90,6 @@ class ChunkPublisher:
         self._keyring = keyring
         self._window = window
         self._inline_limit = inline_limit
-        self._concurrency = max(1, concurrency)
         self._notified_at: dict[str, float] = {}
         self._forget_at = _NOTIFIED_LIMIT
         self._pending: dict[str, int] = {}
