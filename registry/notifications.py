@@ -7,7 +7,7 @@ digits of HMAC-SHA256 over the JSON text, then the JSON text::
 
     {"kind": "decision" | "cancel" | "superseded" | "ended" | "active", "id": <run_id>}
     {"kind": "chunk", "id": <run_id>, "seq": <newest seq>, "data": <sealed> | null}
-    {"kind": "chunks", "runs": [[<run_id>, <newest seq>], ...]}
+    {"kind": "chunks", "runs": [[<run_id>, <newest seq>] | [<run_id>, <newest seq>, <sealed>], ...]}
 
 The last is the wake-up of a batch: one commit that appended to many runs' streams sends one
 payload (or a few, each under PostgreSQL's 8000-byte limit) rather than one per run, because
@@ -37,7 +37,7 @@ import hmac
 import json
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -88,9 +88,20 @@ class ChunkPublished:
 
 @dataclass(frozen=True, slots=True)
 class ChunksPublished:
-    """Each run in ``runs`` (run id, newest seq) has chunks up to that seq (read the table)."""
+    """Each run in ``runs`` (run id, newest seq) has chunks up to that seq. ``sealed``, when
+    given, is aligned with ``runs``: the sealed data of a run's newest chunk when that chunk
+    was appended alone and small, else ``None`` (read the table); :meth:`data` opens one, so
+    a process unseals only the chunks of the runs it watches."""
 
     runs: tuple[tuple[str, int], ...]
+    sealed: tuple[str | None, ...] = ()
+    key: NotificationKey | None = field(default=None, compare=False, repr=False)
+
+    def data(self, index: int) -> bytes | None:
+        """The inline data of ``runs[index]``'s newest chunk, or ``None`` (read the table)."""
+        if not self.sealed or self.key is None or self.sealed[index] is None:
+            return None
+        return self.key.unseal(self.runs[index][0], self.sealed[index] or "")
 
 
 #: A parsed payload.
@@ -104,15 +115,19 @@ MAX_BATCH_PAYLOAD_BYTES = 7800
 _ENTRY_OVERHEAD = 32
 
 
-def payload_groups(run_ids: Sequence[str]) -> list[int]:
+def payload_groups(run_ids: Sequence[str], inline: Sequence[int] = ()) -> list[int]:
     """For a batch of runs to announce in ``chunks`` payloads: the payload number (0, 1, ...)
     of each run, in order, so that each payload stays under :data:`MAX_BATCH_PAYLOAD_BYTES`
-    whatever its run ids hold (up to 255 characters each, escapes included)."""
+    whatever its run ids hold (up to 255 characters each, escapes included). ``inline``,
+    when given, is aligned with ``run_ids``: the length of each entry's sealed data (0 for
+    none)."""
     groups: list[int] = []
     group = 0
     used = 0
-    for run_id in run_ids:
+    for index, run_id in enumerate(run_ids):
         cost = len(json.dumps(run_id, ensure_ascii=False).encode()) + _ENTRY_OVERHEAD
+        if inline and inline[index]:
+            cost += inline[index] + 4  # the quoted base64 and its separator
         if used and used + cost > MAX_BATCH_PAYLOAD_BYTES:
             group += 1
             used = 0
@@ -200,9 +215,13 @@ def encode(notification: Notification, key: NotificationKey) -> str:
     """The signed payload of ``notification`` (compact; :func:`parse` reads it back)."""
     fields: dict[str, object]
     if isinstance(notification, ChunksPublished):
+        sealed = notification.sealed or (None,) * len(notification.runs)
         fields = {
             "kind": NotificationKind.CHUNKS.value,
-            "runs": [[run_id, seq] for run_id, seq in notification.runs],
+            "runs": [
+                [run_id, seq] if data is None else [run_id, seq, data]
+                for (run_id, seq), data in zip(notification.runs, sealed, strict=True)
+            ],
         }
     elif isinstance(notification, ChunkPublished):
         data = notification.data
@@ -230,7 +249,7 @@ def parse(payload: str, key: NotificationKey) -> Notification | None:
         fields = json.loads(text)
         kind = NotificationKind(fields["kind"])
         if kind is NotificationKind.CHUNKS:
-            return _chunks_published(fields["runs"])
+            return _chunks_published(fields["runs"], key)
         run_id = fields["id"]
         if not isinstance(run_id, str):
             return None
@@ -247,15 +266,23 @@ def parse(payload: str, key: NotificationKey) -> Notification | None:
         return None
 
 
-def _chunks_published(entries: object) -> ChunksPublished | None:
-    if not isinstance(entries, list):
+def _chunks_published(entries: object, key: NotificationKey) -> ChunksPublished | None:
+    # exact types, not isinstance: every listener reads every batch of the database
+    if type(entries) is not list:
         return None
     runs: list[tuple[str, int]] = []
+    sealed: list[str | None] = []
     for entry in entries:
-        if not (isinstance(entry, list) and len(entry) == 2):
+        if type(entry) is not list or not 2 <= len(entry) <= 3:
             return None
-        run_id, seq = entry
-        if not isinstance(run_id, str) or not isinstance(seq, int) or isinstance(seq, bool):
+        run_id, seq = entry[0], entry[1]
+        if type(run_id) is not str or type(seq) is not int:
+            return None
+        data = entry[2] if len(entry) == 3 else None
+        if data is not None and type(data) is not str:
             return None
         runs.append((run_id, seq))
-    return ChunksPublished(tuple(runs))
+        sealed.append(data)
+    if all(data is None for data in sealed):
+        return ChunksPublished(tuple(runs))
+    return ChunksPublished(tuple(runs), tuple(sealed), key)

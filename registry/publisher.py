@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 _NOTIFIED_LIMIT = 1024
 #: appends (runs) in one statement, at most
 MAX_BATCH_RUNS = 500
+#: largest chunk that rides inside a group commit's wake-up
+MAX_BATCH_INLINE_BYTES = 512
 #: chunk bytes in one statement, at most (a larger append still goes, alone)
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 
@@ -90,6 +92,9 @@ class ChunkPublisher:
         self._keyring = keyring
         self._window = window
         self._inline_limit = inline_limit
+        # in a wake-up shared by many runs, only chunks this small ride along (a few dozen
+        # fit one payload)
+        self._batch_inline = min(inline_limit, MAX_BATCH_INLINE_BYTES)
         self._notified_at: dict[str, float] = {}
         self._forget_at = _NOTIFIED_LIMIT
         self._pending: dict[str, int] = {}
@@ -174,7 +179,7 @@ class ChunkPublisher:
                 [notify] = due
                 chunks = append.chunks
                 inline = None
-                if notify and len(chunks) == 1 and len(chunks[0]) <= self._inline_limit:
+                if notify and _alone_and_small(append, self._inline_limit):
                     inline = key.seal(append.run_id, chunks[0])
                 last_seq = await repository.append_chunks(
                     connection,
@@ -187,7 +192,19 @@ class ChunkPublisher:
                     after_seq=append.after_seq,
                 )
                 return [last_seq]
-            groups = iter(payload_groups([a.run_id for a, d in zip(batch, due, strict=True) if d]))
+            riding = [
+                key.seal(append.run_id, append.chunks[0])
+                if notify and _alone_and_small(append, self._batch_inline)
+                else None
+                for append, notify in zip(batch, due, strict=True)
+            ]
+            announced = [index for index, notify in enumerate(due) if notify]
+            groups = iter(
+                payload_groups(
+                    [batch[index].run_id for index in announced],
+                    [len(riding[index] or "") for index in announced],
+                )
+            )
             appends = [
                 repository.ChunkAppend(
                     append.run_id,
@@ -195,8 +212,9 @@ class ChunkPublisher:
                     append.epoch,
                     append.after_seq,
                     next(groups) if notify else None,
+                    sealed,
                 )
-                for append, notify in zip(batch, due, strict=True)
+                for append, notify, sealed in zip(batch, due, riding, strict=True)
             ]
             return await repository.append_chunk_batch(connection, appends, key)
 
@@ -283,6 +301,11 @@ class ChunkPublisher:
         for run_id, at in list(self._notified_at.items()):
             if at < horizon:
                 del self._notified_at[run_id]
+
+
+def _alone_and_small(append: _Append, limit: int) -> bool:
+    """Whether ``append`` is one chunk of at most ``limit`` bytes (it may travel inline)."""
+    return len(append.chunks) == 1 and len(append.chunks[0]) <= limit
 
 
 def _grouped(heads: dict[str, int]) -> list[tuple[tuple[str, int], ...]]:

@@ -1182,8 +1182,9 @@ async def append_chunks(
 # Many runs' appends in one statement: one commit, so one turn of the notification lock.
 _APPEND_CHUNK_BATCH = f"""
     WITH request AS (
-        SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int[])
-               WITH ORDINALITY AS request(run_id, size, epoch, after_seq, payload, ord)
+        SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int[],
+                             $13::text[])
+               WITH ORDINALITY AS request(run_id, size, epoch, after_seq, payload, inline, ord)
     ), {_LOCK_HELD}, allocated AS (
         UPDATE runs SET stream_seq = runs.stream_seq + request.size
           FROM request JOIN locked USING (run_id)
@@ -1192,7 +1193,7 @@ _APPEND_CHUNK_BATCH = f"""
            AND (request.epoch IS NULL OR runs.owner_epoch = request.epoch)
            AND (request.after_seq IS NULL OR runs.stream_seq = request.after_seq)
         RETURNING request.ord, runs.run_id, runs.stream_seq AS last_seq, request.size,
-                  request.payload
+                  request.payload, request.inline
     ), inserted AS (
         INSERT INTO stream_chunks (run_id, seq, data)
         SELECT allocated.run_id, allocated.last_seq - allocated.size + chunk.position, chunk.data
@@ -1203,7 +1204,11 @@ _APPEND_CHUNK_BATCH = f"""
     ), payload AS (
         SELECT json_build_object(
                    'kind', $10::text,
-                   'runs', json_agg(json_build_array(run_id, last_seq) ORDER BY ord)
+                   'runs', json_agg(
+                       CASE WHEN inline IS NULL THEN json_build_array(run_id, last_seq)
+                            ELSE json_build_array(run_id, last_seq, inline) END
+                       ORDER BY ord
+                   )
                )::text AS body
           FROM allocated
          WHERE payload IS NOT NULL
@@ -1222,13 +1227,17 @@ class ChunkAppend:
     """One run's part of :func:`append_chunk_batch`: ``chunks`` to append to ``run_id``, only
     under owner ``epoch`` and right after ``after_seq`` when given; ``payload``: the number of
     the ``chunks`` notification that announces it (see
-    :func:`~registry.notifications.payload_groups`), ``None`` for no wake-up."""
+    :func:`~registry.notifications.payload_groups`), ``None`` for no wake-up; ``inline``: the
+    sealed chunk it carries, if any."""
 
     run_id: str
     chunks: Sequence[bytes]
     epoch: int | None
     after_seq: int | None
     payload: int | None
+    #: :meth:`~registry.notifications.NotificationKey.seal` of a single small chunk, to
+    #: travel inside the wake-up
+    inline: str | None = None
 
 
 async def append_chunk_batch(
@@ -1260,6 +1269,7 @@ async def append_chunk_batch(
         NotificationKind.CHUNKS.value,
         key.inner_pad,
         key.outer_pad,
+        [append.inline for append in appends],
     )
     last_seqs: list[int | None] = [None] * len(appends)
     for row in rows:

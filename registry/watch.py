@@ -345,10 +345,11 @@ class Dispatcher:
                 chunk_watch.offer_chunk(notification.seq, notification.data)
             return
         if isinstance(notification, ChunksPublished):
-            for run_id, seq in notification.runs:
+            for index, (run_id, seq) in enumerate(notification.runs):
                 chunk_watch = self._watches.get(run_id)
                 if chunk_watch is not None:
-                    chunk_watch.offer_chunk(seq, None)
+                    # unsealed here, for the runs this process watches only
+                    chunk_watch.offer_chunk(seq, notification.data(index))
             return
         if notification.kind in _REMEMBERED:
             # every kind seen is kept: a cancel followed by an end must still trip the token

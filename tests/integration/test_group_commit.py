@@ -75,7 +75,17 @@ async def both_ends(
 
 def batched(seen: list[dict[str, object]]) -> list[list[str]]:
     """The run ids listed by each ``chunks`` wake-up."""
-    return [[run_id for run_id, _seq in body["runs"]] for body in seen if body["kind"] == "chunks"]  # type: ignore[attr-defined]
+    return [[entry[0] for entry in body["runs"]] for body in seen if body["kind"] == "chunks"]  # type: ignore[attr-defined]
+
+
+def riding(seen: list[dict[str, object]]) -> int:
+    """How many entries of the ``chunks`` wake-ups carried their chunk inline (sealed)."""
+    return sum(
+        len(entry) == 3
+        for body in seen
+        if body["kind"] == "chunks"
+        for entry in body["runs"]  # type: ignore[attr-defined]
+    )
 
 
 async def subscribed(reader: RunRegistry, handles: list[RunHandle]) -> list[StreamSubscription]:
@@ -115,8 +125,10 @@ async def test_many_runs_publishing_at_once_share_statements_and_lose_nothing(
             assert [chunk.data for chunk in got] == [
                 f"{handle.run_id}/{n}".encode() for n in range(15)
             ]
-        # the point of it: statements carried several runs, announced by one wake-up each
+        # the point of it: statements carried several runs, announced by one wake-up each,
+        # their small chunks inside it
         assert max(len(runs) for runs in batched(seen)) > 1
+        assert riding(seen) > 0
         assert all(len(runs) == len(set(runs)) for runs in batched(seen)), "one append per run"
 
 
@@ -419,3 +431,44 @@ async def test_a_retried_forward_in_a_batch_stores_its_decisions_once(
         assert await inbox.ack(delivery)
     decisions = await run_registry.decisions_of_run(handles[0].run_id)
     assert len(decisions) == 1
+
+
+async def test_small_chunks_ride_inside_the_batch_wake_up_and_need_no_read(
+    registry_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[str] = []
+    read_chunks, read_chunk_batch = repository.read_chunks, repository.read_chunk_batch
+
+    async def one(
+        connection: DriverConnection, run_id: str, *, after: int, limit: int
+    ) -> list[StreamChunk]:
+        reads.append(run_id)
+        return await read_chunks(connection, run_id, after=after, limit=limit)
+
+    async def many(
+        connection: DriverConnection, positions: Sequence[tuple[str, int]], *, limit: int
+    ) -> list[list[StreamChunk]]:
+        reads.extend(run_id for run_id, _after in positions)
+        return await read_chunk_batch(connection, positions, limit=limit)
+
+    monkeypatch.setattr(repository, "read_chunks", one)
+    monkeypatch.setattr(repository, "read_chunk_batch", many)
+    async with both_ends(registry_database_url) as (publisher, reader, seen):
+        handles = await bound(publisher, 12)
+        live = []
+        for handle in handles:  # from now on: nothing to replay
+            subscription = await reader.subscribe_thread_run_stream(handle.run_id)
+            assert subscription is not None
+            live.append(subscription)
+        for round_ in ("warm", "hot"):
+            if round_ == "hot":
+                # a subscription's first step reads the table once, to catch up: done
+                reads.clear()
+                seen.clear()
+            sent = [f"{handle.run_id} says {round_}".encode() for handle in handles]
+            await asyncio.gather(*(h.publish(data) for h, data in zip(handles, sent, strict=True)))
+            async with asyncio.timeout(10):
+                got = [(await anext(subscription)).data for subscription in live]
+            assert got == sent
+    assert riding(seen) >= 10, "all but the first (alone, with its own inline wake-up)"
+    assert reads == [], "every chunk came inside its wake-up"

@@ -280,3 +280,40 @@ def test_payload_groups_split_only_when_needed() -> None:
     groups = payload_groups(large)
     assert max(groups) >= 3
     assert MAX_BATCH_PAYLOAD_BYTES // (255 + 2) >= groups.count(0) > 1
+
+
+def test_a_batch_wake_up_carries_sealed_chunks_opened_one_run_at_a_time() -> None:
+    sealed = KEY.seal("run-a", b"inline bytes")
+    notification = ChunksPublished((("run-a", 3), ("run-b", 9)), (sealed, None))
+    parsed = parse(encode(notification, KEY), KEY)
+    assert isinstance(parsed, ChunksPublished)
+    assert parsed == notification
+    assert parsed.data(0) == b"inline bytes"
+    assert parsed.data(1) is None, "no inline data: read the table"
+    # sealed for another run (a forger who replays it elsewhere) does not open
+    moved = ChunksPublished((("run-b", 3),), (sealed,))
+    moved_parsed = parse(encode(moved, KEY), KEY)
+    assert isinstance(moved_parsed, ChunksPublished)
+    assert moved_parsed.data(0) is None
+
+
+@pytest.mark.parametrize("entry", [["run-1", 1, 7], ["run-1", 1, None, "x"], ["run-1", 1, ["x"]]])
+def test_a_batch_entry_with_bad_inline_data_is_ignored(entry: list[object]) -> None:
+    payload = KEY.sign(json.dumps({"kind": "chunks", "runs": [entry]}))
+    assert parse(payload, KEY) is None
+
+
+@pure
+@given(run_ids=st.lists(run_ids, min_size=1, max_size=60), size=st.integers(0, 512))
+def test_payload_groups_leave_room_for_inline_chunks(run_ids: list[str], size: int) -> None:
+    sealed = [KEY.seal(run_id, bytes(size)) for run_id in run_ids]
+    groups = payload_groups(run_ids, [len(text) for text in sealed])
+    for group in set(groups):
+        members = [index for index, g in enumerate(groups) if g == group]
+        notification = ChunksPublished(
+            tuple((run_ids[index], 2**63 - 1) for index in members),
+            tuple(sealed[index] for index in members),
+        )
+        payload = encode(notification, KEY)
+        spaced = len(payload.encode()) + 3 * 2 * len(members) + 16
+        assert spaced < NOTIFY_PAYLOAD_LIMIT
