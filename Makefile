@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install test lint bench demo clean mutate
+.PHONY: install test lint bench demo example clean mutate
 
 install: $(STAMP)
 
@@ -35,6 +35,12 @@ bench: install
 # the embedded PostgreSQL unless REGISTRY_DATABASE_URL names a server; `registry db stop` stops it
 demo: install
 	$(BIN)/registry demo
+
+# the example agent server (examples/agent_server) at http://127.0.0.1:$(PORT)/, on the
+# embedded PostgreSQL unless REGISTRY_DATABASE_URL names a server
+PORT ?= 8000
+example: install
+	$(BIN)/uvicorn --app-dir examples/agent_server app:app --port $(PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -320,12 +320,11 @@ class _StreamResponse(EventSourceResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._streams.add(self._subscription)
+        closer = asyncio.create_task(self._close_on_shutdown())
         try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(self._close_on_shutdown)
-                await super().__call__(scope, receive, send)
-                group.cancel_scope.cancel()
+            await super().__call__(scope, receive, send)
         finally:
+            closer.cancel()
             self._streams.discard(self._subscription)
             await self._subscription.aclose()
             await self._events.aclose()
