@@ -7,7 +7,8 @@ http://127.0.0.1:8000/. Start two of them on one database (another port each) an
 started on one can be watched, approved and cancelled through the other; stop the one that
 holds a run and the other adopts it and goes on where the stream stopped.
 
-``AGENT_CHUNK_DELAY`` (seconds between chunks, default 0.3) paces the toy agent.
+``AGENT_CHUNK_DELAY`` (seconds between chunks, default 0.3) paces the toy agent;
+``REGISTRY_WORKER_ID`` names the server as the owner of its runs (default: generated).
 """
 
 from __future__ import annotations
@@ -79,7 +80,12 @@ async def database_url() -> str:
 #: the app's registry, for a route (FastAPI's dependency injection)
 Registry = Annotated[RunRegistry, Depends(get_run_registry)]
 
-lifespan = RegistryLifespan(database_url, carry_on=carry_on, adopt_interval=1.0)
+lifespan = RegistryLifespan(
+    database_url,
+    carry_on=carry_on,
+    adopt_interval=1.0,
+    worker_id=os.environ.get("REGISTRY_WORKER_ID") or None,  # None: one is generated
+)
 app = FastAPI(title="registry example agent server", lifespan=lifespan)
 app.mount("/registry", registry_routes())
 add_exception_handlers(app)
@@ -90,6 +96,7 @@ async def start_run(thread_id: str, runs: Registry) -> dict[str, str]:
     """Start the toy agent on the thread; 409 while the thread has an active run."""
     run_id = f"run-{uuid.uuid4().hex[:12]}"
     handle = await runs.register(run_id, AGENT_ID, thread_id, on_conflict="reject")
+    await handle.bind_stream_fanout()  # a client may follow the stream as soon as it has the id
     lifespan.spawn(carry_on(runs, handle))
     return {"run_id": run_id, "thread_id": thread_id, "agent_id": AGENT_ID}
 

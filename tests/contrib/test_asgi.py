@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -39,6 +38,7 @@ from registry.contrib.asgi import (
     open_streams,
     registry_routes,
 )
+from tests.helpers.network import free_port
 
 #: a wake-up within one process takes milliseconds
 DEADLINE = 5.0
@@ -344,13 +344,6 @@ async def test_the_lifespan_resumes_and_adopts(registry_database_url: str) -> No
 # --- through a socket: disconnect and shutdown -------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 async def served(registry_database_url: str) -> AsyncIterator[tuple[Starlette, uvicorn.Server]]:
     lifespan = RegistryLifespan(registry_database_url, worker_id="server-1")
@@ -359,7 +352,7 @@ async def served(registry_database_url: str) -> AsyncIterator[tuple[Starlette, u
         exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,
     )
-    config = uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning")
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:
