@@ -31,6 +31,7 @@ bench: install
 	$(BIN)/python bench/streams.py
 	$(BIN)/python bench/fleet.py
 	$(BIN)/python bench/decisions.py
+	$(BIN)/python bench/sse.py
 
 # the embedded PostgreSQL unless REGISTRY_DATABASE_URL names a server; `registry db stop` stops it
 demo: install
