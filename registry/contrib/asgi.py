@@ -205,7 +205,9 @@ class RegistryLifespan:
                 self._continue(runs, await runs.adopt_orphaned_runs())
             except RegistryClosedError:
                 return
-            except RegistryError:
+            except Exception:
+                # supervised: a database outage (or a carry_on that cannot start) is logged,
+                # and the next round tries again
                 logger.warning("adopting orphaned runs failed; trying again", exc_info=True)
 
     @asynccontextmanager
@@ -352,7 +354,12 @@ def _framer(
             return  # the registry closed: the run did not end here, the client resumes
         if stopped():
             return  # the server is going down: no end event either
-        closing = await last()
+        try:
+            closing = await last()
+        except RegistryError:
+            # the client reconnects with its Last-Event-ID and gets the end event then
+            logger.warning("could not read how run %s ended", subscription.run_id, exc_info=True)
+            return
         if closing is not None:
             yield closing
 
@@ -528,6 +535,7 @@ def registry_routes(*, authorize: Authorize = named_agent, ping: float = 15.0) -
 
 __all__ = [
     "EXCEPTION_HANDLERS",
+    "SHUTDOWN_GRACE",
     "AgentRefusedError",
     "Authorize",
     "CarryOn",

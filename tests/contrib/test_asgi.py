@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from httpx_sse import ServerSentEvent, aconnect_sse
+from httpx_sse import EventSource, ServerSentEvent, aconnect_sse
 from sse_starlette.sse import AppStatus
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -100,10 +100,18 @@ def decision(decision_id: str) -> dict[str, object]:
     }
 
 
+async def chunk_events(source: EventSource) -> AsyncIterator[ServerSentEvent]:
+    """The events of ``source`` less pings: httpx_sse gives a ping (a comment) as an event
+    without data, where a browser dispatches nothing."""
+    async for event in source.aiter_sse():
+        if event.data:
+            yield event
+
+
 async def events(client: httpx.AsyncClient, url: str, **headers: str) -> list[ServerSentEvent]:
     async with aconnect_sse(client, "GET", url, headers=headers) as source:
         source.response.raise_for_status()
-        return [event async for event in source.aiter_sse()]
+        return [event async for event in chunk_events(source)]
 
 
 # --- decisions, cancels, state -----------------------------------------------------------------
@@ -377,7 +385,7 @@ async def test_a_client_disconnect_never_cancels_the_run(
         httpx.AsyncClient(base_url=base, timeout=DEADLINE) as client,
         aconnect_sse(client, "GET", "/runs/run-1/events") as source,
     ):
-        event = await anext(source.aiter_sse())
+        event = await anext(chunk_events(source))
         assert (event.id, event.data) == ("1", "first")
         assert len(open_streams(app)) == 1
     # the client went away: its subscription ends, the run goes on
@@ -403,12 +411,11 @@ async def test_shutdown_ends_the_streams_promptly(
         httpx.AsyncClient(base_url=base, timeout=DEADLINE) as client,
         aconnect_sse(client, "GET", "/runs/run-1/events") as source,
     ):
-        received = source.aiter_sse()
+        received = chunk_events(source)
         assert (await anext(received)).data == "first"
         stopping = time.monotonic()
         server.should_exit = True  # what uvicorn's SIGTERM handler sets
-        # it ends (no timeout, a complete response); httpx_sse gives a ping as an empty event
-        rest = [event async for event in received if event.data]
+        rest = [event async for event in received]  # it ends: no timeout, a complete response
     assert rest == []  # no end event: the run goes on, on another server
     # ended by the subscription's close, not by sse-starlette's cancel after the grace
     assert time.monotonic() - stopping < SHUTDOWN_GRACE
