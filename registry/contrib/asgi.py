@@ -36,8 +36,7 @@ import asyncio
 import dataclasses
 import enum
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -53,8 +52,6 @@ from registry import (
     InvalidInputError,
     RegistryClosedError,
     RegistryError,
-    RegistrySettings,
-    RunHandle,
     RunRecord,
     RunRegistry,
     StreamSubscription,
@@ -69,6 +66,7 @@ from registry.contrib.framing import (
     resume_point,
     ui_message_event,
 )
+from registry.contrib.lifespan import CarryOn, RegistryLifespan
 from registry.models import StreamChunk
 
 logger = logging.getLogger(__name__)
@@ -77,9 +75,6 @@ logger = logging.getLogger(__name__)
 #: (403). ``agent_id`` is the one the request names (``?agent_id=``; ``None`` when it names
 #: none) for the routes by thread, and the run's owner for the routes by run id.
 Authorize = Callable[[Request, str | None], Awaitable[str | None]]
-
-#: ``carry_on(runs, handle)``: continue a run this process resumed or adopted
-CarryOn = Callable[[RunRegistry, RunHandle], Coroutine[Any, Any, None]]
 
 #: seconds a client is told to wait (``Retry-After``) when the database does not answer
 RETRY_AFTER_SECONDS = 1
@@ -143,93 +138,6 @@ def open_streams(app: Any) -> OpenStreams:
         streams = OpenStreams()
         app.state.run_streams = streams
     return streams
-
-
-# --- the lifespan ------------------------------------------------------------------------------
-
-
-class RegistryLifespan:
-    """An app's lifespan: connect the registry, continue this process's runs, adopt orphans,
-    close.
-
-    On start: ``RunRegistry.connect`` (``url``, or the URL ``url()`` returns), stored as
-    ``app.state.run_registry``; ``carry_on(runs, handle)`` spawned for each run
-    ``resume_owned_runs`` returns, then for each ``adopt_orphaned_runs`` returns, every
-    ``adopt_interval`` seconds, in a supervised task (a failed adoption is logged and tried
-    again). On shutdown: the adopter stops, the registry closes (the runs stay active, their
-    leases released, for another server to adopt at once), then the run tasks still going are
-    cancelled and awaited. :meth:`spawn` runs the app's own run bodies under the same care.
-    """
-
-    def __init__(
-        self,
-        url: str | Callable[[], Awaitable[str]],
-        *,
-        carry_on: CarryOn | None = None,
-        adopt_interval: float = 5.0,
-        worker_id: str | None = None,
-        settings: RegistrySettings | None = None,
-    ) -> None:
-        if adopt_interval <= 0:
-            raise InvalidInputError("adopt_interval", "must be > 0 seconds")
-        self._url = url
-        self._carry_on = carry_on
-        self._adopt_interval = adopt_interval
-        self._worker_id = worker_id
-        self._settings = settings
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def spawn(self, body: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Run ``body`` as a task kept until it ends (and cancelled at shutdown); an exception
-        it raises is logged."""
-        task = asyncio.create_task(body)
-        self._tasks.add(task)
-        task.add_done_callback(self._ended)
-        return task
-
-    def _ended(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("a run task failed", exc_info=task.exception())
-
-    def _continue(self, runs: RunRegistry, handles: list[RunHandle]) -> None:
-        if self._carry_on is None:
-            return
-        for handle in handles:
-            self.spawn(self._carry_on(runs, handle))
-
-    async def _adopt(self, runs: RunRegistry) -> None:
-        while True:
-            await asyncio.sleep(self._adopt_interval)
-            try:
-                self._continue(runs, await runs.adopt_orphaned_runs())
-            except RegistryClosedError:
-                return
-            except Exception:
-                # supervised: a database outage (or a carry_on that cannot start) is logged,
-                # and the next round tries again
-                logger.warning("adopting orphaned runs failed; trying again", exc_info=True)
-
-    @asynccontextmanager
-    async def __call__(self, app: Any) -> AsyncIterator[None]:
-        url = self._url if isinstance(self._url, str) else await self._url()
-        async with RunRegistry.connect(
-            url, worker_id=self._worker_id, settings=self._settings
-        ) as runs:
-            app.state.run_registry = runs
-            open_streams(app)
-            self._continue(runs, await runs.resume_owned_runs())
-            adopter = asyncio.create_task(self._adopt(runs), name="registry-adopt")
-            try:
-                yield
-            finally:
-                adopter.cancel()
-                await asyncio.gather(adopter, return_exceptions=True)
-                await runs.close()
-                tasks = list(self._tasks)
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # --- error mapping -----------------------------------------------------------------------------

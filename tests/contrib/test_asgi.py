@@ -385,9 +385,12 @@ async def test_a_client_disconnect_never_cancels_the_run(
         httpx.AsyncClient(base_url=base, timeout=DEADLINE) as client,
         aconnect_sse(client, "GET", "/runs/run-1/events") as source,
     ):
-        event = await anext(chunk_events(source))
+        raw = source.aiter_sse()
+        event = await anext(raw)
         assert (event.id, event.data) == ("1", "first")
         assert len(open_streams(app)) == 1
+        ping = await asyncio.wait_for(anext(raw), DEADLINE)  # a quiet stream is kept alive
+        assert ping.data == ""
     # the client went away: its subscription ends, the run goes on
     async with asyncio.timeout(DEADLINE):
         while len(open_streams(app)):

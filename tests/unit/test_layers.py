@@ -46,6 +46,7 @@ LAYERS = {
     # optional integrations: above the whole package, each behind its extra
     "contrib/__init__": 13,
     "contrib/framing": 13,
+    "contrib/lifespan": 13,
     "contrib/asgi": 14,
 }
 
