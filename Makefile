@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # `make demo` needs only the package and its embedded PostgreSQL, not the test and lint tools
 DEMO_STAMP := $(VENV)/.demo-installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install install-demo test lint bench demo clean mutate
+.PHONY: install install-demo test lint bench demo example clean mutate
 
 install: $(STAMP)
 
@@ -44,6 +44,12 @@ $(DEMO_STAMP): pyproject.toml
 # the embedded PostgreSQL unless REGISTRY_DATABASE_URL names a server; `registry db stop` stops it
 demo: install-demo
 	$(BIN)/registry demo
+
+# the example agent server (examples/agent_server) at http://127.0.0.1:$(PORT)/, on the
+# embedded PostgreSQL unless REGISTRY_DATABASE_URL names a server
+PORT ?= 8000
+example: install
+	$(BIN)/uvicorn --app-dir examples/agent_server app:app --port $(PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -52,11 +52,29 @@ LAYERS = {
     "cli_ops": 13,
     "cli_streams": 13,
     "cli": 14,
+    # optional integrations: above the whole package, each behind its extra
+    "contrib/__init__": 13,
+    "contrib/framing": 13,
+    "contrib/lifespan": 13,
+    "contrib/asgi": 14,
 }
 
 
+def module_name(path: Path) -> str:
+    """A module's key in LAYERS: its path under the package without ``.py``
+    (``registry``, ``contrib/asgi``)."""
+    return path.relative_to(PACKAGE).with_suffix("").as_posix()
+
+
 def modules() -> dict[str, ast.Module]:
-    return {path.stem: ast.parse(path.read_text()) for path in sorted(PACKAGE.glob("*.py"))}
+    paths = sorted(PACKAGE.rglob("*.py"))
+    return {module_name(path): ast.parse(path.read_text()) for path in paths}
+
+
+def _layer_key(parts: list[str]) -> str:
+    # registry.contrib.asgi is contrib/asgi; registry.contrib alone is contrib/__init__
+    key = "/".join(parts)
+    return key if key in LAYERS else f"{key}/__init__"
 
 
 def imported(tree: ast.Module) -> set[str]:
@@ -69,14 +87,14 @@ def imported(tree: ast.Module) -> set[str]:
             if parts[0] != "registry":
                 continue
             if len(parts) > 1:
-                names.add(parts[1])
+                names.add(_layer_key(parts[1:]))
             else:
                 names.update(
                     alias.name if alias.name in LAYERS else "__init__" for alias in node.names
                 )
         elif isinstance(node, ast.Import):
             names.update(
-                alias.name.split(".")[1]
+                _layer_key(alias.name.split(".")[1:])
                 for alias in node.names
                 if alias.name.startswith("registry.")
             )
@@ -102,6 +120,11 @@ def test_the_layer_check_sees_an_upward_import() -> None:
     # the checker itself: a module importing one above it is found
     tree = ast.parse("from registry.registry import RunRegistry\nfrom registry import cli\n")
     assert imported(tree) == {"registry", "cli"}
+
+
+def test_the_layer_check_sees_a_subpackage() -> None:
+    tree = ast.parse("from registry.contrib.asgi import registry_routes\nimport registry.contrib\n")
+    assert imported(tree) == {"contrib/asgi", "contrib/__init__"}
 
 
 def private_reach(tree: ast.Module) -> list[str]:
