@@ -69,30 +69,58 @@ class Batcher(Generic[_Item, _Result]):
         self._queue: collections.deque[_Call[_Item, _Result]] = collections.deque()
         self._busy: set[Hashable] = set()  # keys of items in a statement in flight
         self._statements: set[asyncio.Task[None]] = set()
+        # statements sent from their caller's own task (nothing else was waiting): each one's
+        # end, for drain()
+        self._alone: set[asyncio.Future[None]] = set()
 
     async def submit(self, item: _Item) -> _Result:
         """Send ``item`` with whatever else is waiting; its result, or its exception raised.
 
-        A caller cancelled before its item was sent leaves it unsent; once sent, the
-        statement goes on without it.
+        When nothing waits and a statement may go out, ``item`` goes at once, from the
+        caller's own task (no hand-over: a lone call costs what a direct one does), and a
+        cancelled caller cancels it as any awaited statement. Otherwise it waits its turn: a
+        caller cancelled before its item was sent leaves it unsent; once sent, the statement
+        goes on without it.
         """
+        if not self._queue and self.in_flight < self._concurrency:
+            key = None if self._key is None else self._key(item)
+            if key is None or key not in self._busy:
+                return await self._send_alone(item, key)
         done: asyncio.Future[_Result] = asyncio.get_running_loop().create_future()
         self._queue.append(_Call(item, done))
         self._send_more()
         return await done
 
+    async def _send_alone(self, item: _Item, key: Hashable | None) -> _Result:
+        finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._alone.add(finished)
+        if key is not None:
+            self._busy.add(key)
+        try:
+            [outcome] = await self._send([item])
+        finally:
+            if key is not None:
+                self._busy.discard(key)
+            self._alone.discard(finished)
+            finished.set_result(None)
+            self._send_more()  # what arrived meanwhile
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
     @property
     def in_flight(self) -> int:
         """Statements out now."""
-        return len(self._statements)
+        return len(self._statements) + len(self._alone)
 
     async def drain(self, grace: float) -> None:
         """Wait (up to ``grace`` seconds) until every submitted item has been answered."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        # asyncio.wait, not awaiting the tasks: a cancel aimed at our caller must reach it
-        while self._statements and loop.time() < deadline:
-            await asyncio.wait(set(self._statements), timeout=deadline - loop.time())
+        # asyncio.wait, not awaiting them: a cancel aimed at our caller must reach it
+        while (self._statements or self._alone) and loop.time() < deadline:
+            pending: set[asyncio.Future[None]] = {*self._statements, *self._alone}
+            await asyncio.wait(pending, timeout=deadline - loop.time())
 
     def fail_waiting(self, error: Callable[[], BaseException]) -> None:
         """Answer every item not yet sent with ``error()`` (never blocks)."""
@@ -105,7 +133,7 @@ class Batcher(Generic[_Item, _Result]):
             statement.cancel()
 
     def _send_more(self) -> None:
-        while self._queue and len(self._statements) < self._concurrency:
+        while self._queue and self.in_flight < self._concurrency:
             batch = self._take()
             if not batch:
                 return

@@ -408,7 +408,11 @@ async def test_forwards_to_many_runs_share_a_statement_and_keep_their_answers(
             inbox = handle.decisions()
             async with asyncio.timeout(10):
                 got = [(await anext(inbox)).decision.target_id for _ in expected]
-            assert got == expected, "each forward's decisions in order, all delivered"
+            # all delivered; each forward's own in order (by run id and by thread go in
+            # statements of their own, whose commits may come in either order)
+            assert sorted(got) == sorted(expected)
+            ours = [target for target in got if target.startswith(handle.run_id)]
+            assert ours == [target for target in expected if target.startswith(handle.run_id)]
         async with plain_sql(registry_database_url) as sql:
             assert await sql.fetchval("SELECT count(*) FROM decisions") == 9
 

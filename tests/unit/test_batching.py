@@ -142,20 +142,44 @@ async def test_a_caller_cancelled_before_its_statement_is_not_sent() -> None:
     assert statements.batches == [["first"], ["kept"]]
 
 
-async def test_cancelled_statements_answer_their_callers_with_cut_short() -> None:
+async def test_unsent_callers_fail_and_cancelled_statements_answer_cut_short() -> None:
     statements = Statements()
     sender = batcher(statements)
-    first = await busy(statements, sender)
-    waiting = asyncio.ensure_future(sender.submit("waiting"))
+    first = await busy(statements, sender)  # alone, in its caller's task: not ours to cancel
+    dropped = asyncio.ensure_future(sender.submit("dropped"))
     await asyncio.sleep(0)
     sender.fail_waiting(lambda: LookupError("closed"))
-    sender.cancel()
-    with pytest.raises(RuntimeError, match="cut short"):
-        await first
     with pytest.raises(LookupError, match="closed"):
-        await waiting
+        await dropped
+    waiting = [asyncio.ensure_future(sender.submit(item)) for item in ("w1", "w2")]
+    await asyncio.sleep(0)
+    statements.started.clear()
+    statements.hold.set()  # lets the first go (its waiter is woken) ...
+    statements.hold.clear()  # ... and holds the statement of w1 and w2, in its own task
+    assert await first == "FIRST"
+    async with asyncio.timeout(5):
+        await statements.started.wait()
+    assert statements.batches[-1] == ["w1", "w2"]
+    sender.cancel()
+    for call in waiting:
+        with pytest.raises(RuntimeError, match="cut short"):
+            await call
     await sender.drain(5)
     assert sender.in_flight == 0
+
+
+async def test_a_lone_item_goes_from_its_callers_own_task() -> None:
+    senders: list[asyncio.Task[object] | None] = []
+
+    async def send(items: list[str]) -> Sequence[Outcome[str]]:
+        senders.append(asyncio.current_task())
+        return items
+
+    sender: Batcher[str, str] = Batcher(
+        send, concurrency=1, max_items=10, cut_short=lambda: RuntimeError("cut")
+    )
+    assert await sender.submit("alone") == "alone"
+    assert senders == [asyncio.current_task()]
 
 
 async def test_a_refused_statement_is_split_so_only_the_item_at_fault_fails() -> None:
@@ -163,6 +187,7 @@ async def test_a_refused_statement_is_split_so_only_the_item_at_fault_fails() ->
 
     async def refuses_poison(items: list[str]) -> Sequence[Outcome[str]]:
         batches.append(items)
+        await asyncio.sleep(0)  # a round trip: what arrives meanwhile waits
         if "poison" in items:
             raise LookupError("refused")
         return [item.upper() for item in items]
