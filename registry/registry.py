@@ -262,7 +262,8 @@ class RunRegistry(RegistryInspector):
 
     def continue_run(self, handle: RunHandle, *, cancel_body: bool = True) -> RunScope:
         """The scope of :meth:`run` for a run resumed or adopted (``handle.record`` says how
-        far it got: ``stream_seq``, ``decision_cursor``); nothing is registered."""
+        far it got: ``stream_seq``, ``decision_cursor``); nothing is registered. A resumed
+        run still queued waits its turn first, as in :meth:`run`."""
 
         async def start() -> RunHandle:
             return handle
@@ -417,14 +418,17 @@ class RunRegistry(RegistryInspector):
 
     @traced("resume_owned_runs")
     async def resume_owned_runs(self) -> list[RunHandle]:
-        """Renew and return the handles of the active runs this ``worker_id`` owns, oldest
-        first.
+        """Renew and return the handles of the active runs this ``worker_id`` owns, and of its
+        runs still queued, oldest first.
 
         A process restarted with the same ``worker_id`` continues its runs: their inboxes
         redeliver what was never acknowledged, and a cancel requested meanwhile has already
-        tripped their tokens. Each run this registry did not already hold gets a new owner
-        epoch: a registry of the same ``worker_id`` still running (an overlapping deploy)
-        loses it (see :class:`LeaseLostError`).
+        tripped their tokens. A queued run's handle has ``record.status`` ``queued``: its
+        ``wait_active()`` returns once it is promoted, and :meth:`continue_run` waits for
+        that before its block runs (its lease is renewed from then on). Each run this
+        registry did not already hold gets a new owner epoch: a registry of the same
+        ``worker_id`` still running (an overlapping deploy) loses it (see
+        :class:`LeaseLostError`).
         """
         self._check_open()
         records = await self._parts.leases.resume(self.worker_id)

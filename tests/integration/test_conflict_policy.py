@@ -219,3 +219,53 @@ async def test_a_scope_that_rejects_raises_before_its_body(run_registry: RunRegi
 
     with pytest.raises(ThreadBusyError):
         await body_that_must_not_run(run_registry, "reject")
+
+
+# --- a queued run whose worker went away -------------------------------------------------------
+
+
+async def test_a_restarted_worker_runs_its_queued_run_in_turn(registry_database_url: str) -> None:
+    gone = await RunRegistry.connect(registry_database_url, worker_id="server")
+    await gone.register("run-1", "agent-a", "thread-1")
+    await gone.register("run-2", "agent-a", "thread-1", on_conflict="enqueue")
+    await gone.close()  # the process goes away (a queued run keeps no lease to release)
+    async with RunRegistry.connect(registry_database_url, worker_id="server") as again:
+        resumed = {handle.run_id: handle for handle in await again.resume_owned_runs()}
+        assert {run_id: h.record.status for run_id, h in resumed.items()} == {
+            "run-1": RunStatus.ACTIVE,
+            "run-2": RunStatus.QUEUED,
+        }
+        entered = asyncio.Event()
+
+        async def carry_on() -> None:
+            async with again.continue_run(resumed["run-2"]):
+                entered.set()
+
+        task = asyncio.create_task(carry_on())
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(entered.wait()), 0.1)
+        assert await resumed["run-1"].finish("completed")
+        await asyncio.wait_for(task, DEADLINE)
+        assert (await statuses(again, "thread-1"))["run-2"] is RunStatus.COMPLETED
+
+
+async def test_a_queued_run_of_a_gone_worker_is_adopted_once_promoted(
+    registry_database_url: str,
+) -> None:
+    fast = RegistrySettings(lease_seconds=0.3, heartbeat_interval=0.1)
+    gone = await RunRegistry.connect(registry_database_url, worker_id="gone")
+    await gone.register("run-1", "agent-a", "thread-1")
+    await gone.register("run-2", "agent-a", "thread-1", on_conflict="enqueue")
+    await gone.close()
+    async with RunRegistry.connect(registry_database_url, worker_id="other", settings=fast) as runs:
+        [first] = await runs.adopt_orphaned_runs()
+        assert first.run_id == "run-1"
+        assert await first.finish("completed")
+        # promoted with a lease nobody renews: adoptable once it expires
+        async with asyncio.timeout(DEADLINE):
+            while not (adopted := await runs.adopt_orphaned_runs()):
+                await asyncio.sleep(0.05)
+        assert [handle.run_id for handle in adopted] == ["run-2"]
+        async with runs.continue_run(adopted[0]):
+            pass
+        assert (await statuses(runs, "thread-1"))["run-2"] is RunStatus.COMPLETED
