@@ -14,6 +14,7 @@ from registry import (
     InvalidInputError,
     RegistrySettings,
     RunEndedError,
+    RunNotStartedError,
     RunRegistry,
     RunStatus,
     ThreadBusyError,
@@ -211,6 +212,22 @@ async def test_a_scope_cancelled_while_queued_cancels_its_run(run_registry: RunR
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, DEADLINE)
+    assert (await statuses(run_registry, "thread-1"))["run-2"] is RunStatus.CANCELLED
+
+
+async def test_a_queued_scope_whose_run_is_cancelled_raises_run_not_started(
+    run_registry: RunRegistry,
+) -> None:
+    await run_registry.register("run-1", "agent-a", "thread-1")
+    task = asyncio.create_task(body_that_must_not_run(run_registry, "enqueue"))
+    async with asyncio.timeout(DEADLINE):
+        while await run_registry.run("run-2") is None:
+            await asyncio.sleep(0.02)
+    assert await run_registry.cancel_active_run_by_id("run-2")
+    with pytest.raises(RunNotStartedError) as raised:
+        await asyncio.wait_for(task, DEADLINE)
+    assert isinstance(raised.value, RunEndedError)
+    assert (raised.value.run_id, raised.value.status) == ("run-2", "cancelled")
     assert (await statuses(run_registry, "thread-1"))["run-2"] is RunStatus.CANCELLED
 
 
