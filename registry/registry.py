@@ -379,12 +379,14 @@ class RunRegistry(RegistryInspector):
 
     @traced("cancel_active_run_by_id", run_id="run_id")
     async def cancel_active_run_by_id(self, run_id: str) -> bool:
-        """Request cancellation of the active run ``run_id``; ``False`` if it is neither
-        active nor queued.
+        """Request cancellation of the run ``run_id``: ``True`` if it was active (its cancel
+        is requested) or queued (it is now ``cancelled``); ``False`` if it is neither.
 
-        The run's tokens trip in every process within milliseconds (or at the next safety
-        re-check if the notification is lost). The run stays active until it is removed. A
-        queued run ends ``cancelled`` at once and never becomes active.
+        An active run's tokens trip in every process within milliseconds (or at the next
+        safety re-check if the notification is lost); it stays active until it is removed.
+        A queued run ends ``cancelled`` at once and never becomes active (its scope's entry
+        raises :class:`RunNotStartedError`). Asking again returns ``True`` while the run is
+        active (the cancel stays requested), ``False`` once it ended.
         """
         check_id("run_id", run_id)
         cancelled = await self._write(

@@ -138,6 +138,22 @@ async def test_a_queued_run_cancelled_ends_and_is_never_promoted(
     }
 
 
+async def test_cancel_by_id_answers_true_for_an_active_or_a_queued_run(
+    run_registry: RunRegistry,
+) -> None:
+    await run_registry.register("run-1", "agent-a", "thread-1")
+    await run_registry.register("run-2", "agent-a", "thread-1", on_conflict="enqueue")
+    assert await run_registry.cancel_active_run_by_id("run-2"), "queued: now cancelled"
+    assert not await run_registry.cancel_active_run_by_id("run-2"), "ended"
+    assert await run_registry.cancel_active_run_by_id("run-1"), "active: cancel requested"
+    assert await run_registry.cancel_active_run_by_id("run-1"), "still active: asked again"
+    assert not await run_registry.cancel_active_run_by_id("run-unknown")
+    assert await statuses(run_registry, "thread-1") == {
+        "run-1": RunStatus.ACTIVE,
+        "run-2": RunStatus.CANCELLED,
+    }
+
+
 async def test_a_supersede_keeps_the_queue_behind_the_new_run(run_registry: RunRegistry) -> None:
     await run_registry.register("run-1", "agent-a", "thread-1")
     await run_registry.register("run-2", "agent-a", "thread-1", on_conflict="enqueue")
