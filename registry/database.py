@@ -225,6 +225,13 @@ def connection_survives(exc: BaseException) -> bool:
     return not isinstance(exc, (*UNREACHABLE, DBAPIError, asyncpg.PostgresError))
 
 
+# what the server refuses at connect, before any statement: said as such
+_LOGIN_REFUSALS = {
+    "3D000": "does not exist (no database of that name on the server)",
+    "28": "refused the login (role, password or pg_hba.conf)",
+}
+
+
 def database_error(exc: BaseException) -> DatabaseError | None:
     """The :class:`DatabaseError` a driver or SQLAlchemy error stands for, chosen by SQLSTATE
     (``None`` when ``exc`` is neither, such as a programming error of ours)."""
@@ -236,8 +243,9 @@ def database_error(exc: BaseException) -> DatabaseError | None:
             f"cannot reach the database: {_describe(exc)}", sqlstate=code
         )
     if code is not None:
+        refused = _LOGIN_REFUSALS.get(code[:2], _LOGIN_REFUSALS.get(code, "refused the statement"))
         return DatabaseError(
-            f"the database refused the statement: {_describe(exc)} (SQLSTATE {code})",
+            f"the database {refused}: {_describe(exc)} (SQLSTATE {code})",
             sqlstate=code,
             is_transient=is_transient(code),
         )

@@ -125,13 +125,30 @@ class RunEndedError(RegistryError):
 
     The one error a run body needs to know: a publish, claim or ack on a run that is over here
     raises a subclass of it (:class:`StreamClosedError`, :class:`LeaseLostError`), a queued
-    run's ``wait_active`` and an inbox's ``get`` raise it as it is. The run scope
+    run's ``wait_active`` raises :class:`RunNotStartedError`, and an inbox's ``get`` raises it
+    as it is. The run scope
     (``RunRegistry.run``) ends quietly on it, writing nothing over the run's outcome.
     """
 
     def __init__(self, run_id: str, message: str | None = None) -> None:
         self.run_id = run_id
         super().__init__(message or f"run {run_id!r} is no longer active here")
+
+
+class RunNotStartedError(RunEndedError):
+    """A queued run ended before its turn (cancelled while queued, or deleted): it never
+    became active. Raised by ``wait_active``, and so on entering the run scope of a queued
+    run, whose block then does not run; nothing is left to record.
+
+    ``status`` is the run's status (``cancelled``), or ``None`` when its row is gone.
+    """
+
+    def __init__(self, run_id: str, status: str | None) -> None:
+        self.status = status
+        super().__init__(
+            run_id,
+            f"run {run_id!r} ended without becoming active ({status or 'removed'})",
+        )
 
 
 class RunCancelledError(RegistryError):

@@ -14,16 +14,18 @@ from typing import Protocol
 from registry import repository, telemetry
 from registry.connections import ConnectionLane
 from registry.database import connect, translate_errors
-from registry.errors import LeaseLostError, RunEndedError
+from registry.errors import LeaseLostError, RunNotStartedError
 from registry.inbox import DecisionInbox, DecisionQueue
 from registry.listener import LISTENER_APPLICATION_NAME, Listener
 from registry.models import (
+    MAX_BIGINT,
     RunOutcome,
     RunRecord,
     RunStatus,
     check_choice,
     check_chunks,
     check_count,
+    check_timeout,
     end_reason,
 )
 from registry.notifications import Keyring
@@ -369,19 +371,18 @@ class RunHandle:
         Returns at once for an active run. The row is the truth: a notification from the
         promoting transaction wakes the wait, the safety-net re-check covers a lost one.
         Raises :class:`TimeoutError` after ``timeout`` seconds (``None``: no limit; the run
-        stays queued), :class:`RunEndedError` if the run ended without becoming active (a
-        queued run cancelled), :class:`LeaseLostError` if another registry took it over,
-        and :class:`RegistryClosedError` if the registry closes first.
+        stays queued), :class:`RunNotStartedError` (a :class:`RunEndedError`) if the run
+        ended without becoming active (a queued run cancelled), :class:`LeaseLostError` if
+        another registry took it over, and :class:`RegistryClosedError` if the registry
+        closes first; :class:`InvalidInputError` for a ``timeout`` that is not a
+        non-negative number.
         """
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(check_timeout(timeout)):
             while True:
                 record = await self._parts.read_run(self.run_id)
                 if record is None or record.status.is_finished:
-                    raise RunEndedError(
-                        self.run_id,
-                        f"run {self.run_id!r} ended without becoming active"
-                        f" ({'removed' if record is None else record.status.value})",
-                    )
+                    status = None if record is None else record.status.value
+                    raise RunNotStartedError(self.run_id, status)
                 if record.owner_epoch != self._lease.epoch:
                     self._parts.leases.lose(self._lease)
                     raise LeaseLostError(self.run_id)
@@ -453,7 +454,8 @@ class RunHandle:
     async def _append(self, chunks: Sequence[bytes], after_seq: int | None) -> list[int]:
         batch = check_chunks(chunks, max_chunk_bytes=self._parts.max_chunk_bytes)
         if after_seq is not None:
-            check_count("after_seq", after_seq, minimum=0)
+            # the chunk is stored as after_seq + 1, which must fit a bigint too
+            check_count("after_seq", after_seq, minimum=0, maximum=MAX_BIGINT - 1)
         if self._lease.lost.is_set():
             raise LeaseLostError(self.run_id)
         try:

@@ -26,7 +26,7 @@ from registry.errors import (
     RunCancelledError,
     RunEndedError,
 )
-from registry.models import DecisionDelivery
+from registry.models import DecisionDelivery, check_timeout
 from registry.telemetry import traced
 from registry.watch import Lease, RunWatch
 
@@ -186,10 +186,10 @@ class DecisionInbox:
         call); :class:`RunCancelledError` once the run's cancel or supersede is seen, for an
         inbox opened with ``until_cancelled=True``; :class:`RunEndedError` when the run has
         ended and every decision was delivered (where iterating would stop); and, as
-        iterating does, :class:`LeaseLostError` and :class:`RegistryClosedError`.
+        iterating does, :class:`LeaseLostError` and :class:`RegistryClosedError`;
+        :class:`InvalidInputError` for a ``timeout`` that is not a non-negative number.
         """
-        if timeout is not None and (isinstance(timeout, bool) or not timeout >= 0):
-            raise InvalidInputError("timeout", "must be a non-negative number of seconds or None")
+        timeout = check_timeout(timeout)
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         delivery = await self._next(deadline)
         if delivery is not None:

@@ -23,8 +23,10 @@ from registry.errors import InvalidInputError, TooManyDecisionsError
 MAX_ID_LENGTH = 255
 #: Longest free-text ``reason`` on a decision.
 MAX_REASON_LENGTH = 65_536
+#: Largest value of the database's ``bigint``: seqs, ids and counts are stored as one.
+MAX_BIGINT = 2**63 - 1
 #: Largest ``updated_at`` that fits the database's ``bigint``.
-MAX_UPDATED_AT = 2**63 - 1
+MAX_UPDATED_AT = MAX_BIGINT
 
 
 class RunStatus(enum.StrEnum):
@@ -451,18 +453,29 @@ def check_chunks(chunks: object, *, max_chunk_bytes: int) -> list[bytes]:
     return batch
 
 
-def check_count(field: str, value: object, *, minimum: int) -> int:
-    """Validate an integer argument of at least ``minimum`` (``bool`` is refused)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def check_count(field: str, value: object, *, minimum: int, maximum: int = MAX_BIGINT) -> int:
+    """Validate an integer argument from ``minimum`` to ``maximum`` (default
+    :data:`MAX_BIGINT`: a larger one would reach the server as a driver error; ``bool`` is
+    refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         what = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
-        raise InvalidInputError(field, f"must be {what}")
+        raise InvalidInputError(field, f"must be {what}, at most {maximum}")
     return value
 
 
 def check_after_seq(value: object) -> int | None:
-    """Validate a subscription's starting point: ``None`` or a non-negative integer."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise InvalidInputError("after_seq", "must be a non-negative integer or None")
+    """Validate a subscription's starting point: ``None`` or an integer from 0 to
+    :data:`MAX_BIGINT`."""
+    return None if value is None else check_count("after_seq", value, minimum=0)
+
+
+def check_timeout(value: object) -> float | None:
+    """Validate a ``timeout`` argument: ``None`` or a non-negative number of seconds
+    (``bool`` and NaN are refused)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise InvalidInputError("timeout", "must be a non-negative number of seconds or None")
     return value
 
 

@@ -262,7 +262,8 @@ class RunRegistry(RegistryInspector):
 
     def continue_run(self, handle: RunHandle, *, cancel_body: bool = True) -> RunScope:
         """The scope of :meth:`run` for a run resumed or adopted (``handle.record`` says how
-        far it got: ``stream_seq``, ``decision_cursor``); nothing is registered."""
+        far it got: ``stream_seq``, ``decision_cursor``); nothing is registered. A resumed
+        run still queued waits its turn first, as in :meth:`run`."""
 
         async def start() -> RunHandle:
             return handle
@@ -378,12 +379,14 @@ class RunRegistry(RegistryInspector):
 
     @traced("cancel_active_run_by_id", run_id="run_id")
     async def cancel_active_run_by_id(self, run_id: str) -> bool:
-        """Request cancellation of the active run ``run_id``; ``False`` if it is neither
-        active nor queued.
+        """Request cancellation of the run ``run_id``: ``True`` if it was active (its cancel
+        is requested) or queued (it is now ``cancelled``); ``False`` if it is neither.
 
-        The run's tokens trip in every process within milliseconds (or at the next safety
-        re-check if the notification is lost). The run stays active until it is removed. A
-        queued run ends ``cancelled`` at once and never becomes active.
+        An active run's tokens trip in every process within milliseconds (or at the next
+        safety re-check if the notification is lost); it stays active until it is removed.
+        A queued run ends ``cancelled`` at once and never becomes active (its scope's entry
+        raises :class:`RunNotStartedError`). Asking again returns ``True`` while the run is
+        active (the cancel stays requested), ``False`` once it ended.
         """
         check_id("run_id", run_id)
         cancelled = await self._write(
@@ -417,14 +420,17 @@ class RunRegistry(RegistryInspector):
 
     @traced("resume_owned_runs")
     async def resume_owned_runs(self) -> list[RunHandle]:
-        """Renew and return the handles of the active runs this ``worker_id`` owns, oldest
-        first.
+        """Renew and return the handles of the active runs this ``worker_id`` owns, and of its
+        runs still queued, oldest first.
 
         A process restarted with the same ``worker_id`` continues its runs: their inboxes
         redeliver what was never acknowledged, and a cancel requested meanwhile has already
-        tripped their tokens. Each run this registry did not already hold gets a new owner
-        epoch: a registry of the same ``worker_id`` still running (an overlapping deploy)
-        loses it (see :class:`LeaseLostError`).
+        tripped their tokens. A queued run's handle has ``record.status`` ``queued``: its
+        ``wait_active()`` returns once it is promoted, and :meth:`continue_run` waits for
+        that before its block runs (its lease is renewed from then on). Each run this
+        registry did not already hold gets a new owner epoch: a registry of the same
+        ``worker_id`` still running (an overlapping deploy) loses it (see
+        :class:`LeaseLostError`).
         """
         self._check_open()
         records = await self._parts.leases.resume(self.worker_id)

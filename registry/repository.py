@@ -567,11 +567,38 @@ async def resume_owned(
 ) -> list[RunRecord]:
     """Renew and return the active runs of ``owner_id``, oldest first; the owner epoch moves on
     for each run not in ``held`` (run id to the epoch this registry holds it under). Queued
-    runs are not taken (see :func:`renew_leases`): once promoted, they are resumed or adopted
-    like any active run."""
+    runs are taken by :func:`resume_owned_queued`, in a statement of their own."""
     held = held or {}
     rows = await connection.fetch(_RESUME_OWNED, owner_id, lease, list(held), list(held.values()))
     return sorted((_run_record(row) for row in rows), key=lambda run: run.created_at)
+
+
+# Queued rows only, apart from the active ones: an end locks its active row, then the queued
+# row it promotes; one statement locking both kinds in run id order could close that cycle.
+# No lease: a queued run's is set when it is promoted.
+_RESUME_OWNED_QUEUED = f"""
+    UPDATE runs SET updated_at = now(),
+           owner_epoch = owner_epoch + CASE
+               WHEN (run_id, owner_epoch) IN (SELECT * FROM unnest($2::text[], $3::bigint[]))
+               THEN 0 ELSE 1 END
+     WHERE run_id IN (
+            SELECT run_id FROM runs WHERE owner_id = $1 AND status = 'queued'
+             ORDER BY run_id FOR UPDATE
+           )
+       AND status = 'queued'
+    RETURNING {_RUN_COLUMNS}
+"""
+
+
+async def resume_owned_queued(
+    connection: DriverConnection, owner_id: str, held: Mapping[str, int]
+) -> list[RunRecord]:
+    """Take and return the queued runs of ``owner_id``; the owner epoch moves on for each run
+    not in ``held`` (as :func:`resume_owned`), which fences off a registry of the same owner
+    still waiting on them. A run promoted meanwhile is not returned (it is active: take it
+    with :func:`resume_owned` after this)."""
+    rows = await connection.fetch(_RESUME_OWNED_QUEUED, owner_id, list(held), list(held.values()))
+    return [_run_record(row) for row in rows]
 
 
 _ADOPT_ORPHANS = f"""

@@ -22,6 +22,11 @@ the registry closing (``CancelledError``   left ``active`` for adoption (``close
 or ``RegistryClosedError``)                its lease); ``RegistryClosedError`` absorbed
 ========================================  ===================================================
 
+A queued run cancelled (or deleted) before its turn never becomes active, and a block cannot
+be skipped in Python: entering the scope raises :class:`RunNotStartedError` (a
+``RunEndedError``), and the block does not run; nothing is left to record. Catch it around
+the ``async with`` where a queued run may be cancelled.
+
 Outcomes are written fenced by the run's owner epoch, and only over an active run: a run that
 ended meanwhile keeps the outcome it has.
 """
@@ -65,8 +70,10 @@ class RunScope:
     tells whether the registry is closing. With ``cancel_body`` (the default), a cancel,
     supersede or lost lease of the run cancels the task running the block, wherever it
     awaits. Entering raises what ``start`` raises, and for a queued run what
-    ``RunHandle.wait_active`` raises (a cancel of the entering task cancels the queued run,
-    which then never becomes active). A scope is entered once.
+    ``RunHandle.wait_active`` raises: :class:`RunNotStartedError` if the run was cancelled
+    before its turn (the block does not run), :class:`LeaseLostError` if another registry
+    took it over meanwhile (a cancel of the entering task cancels the queued run, which then
+    never becomes active). A scope is entered once.
     """
 
     def __init__(

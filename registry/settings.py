@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Self
 
 from registry.errors import InvalidInputError
 from registry.notifications import MAX_INLINE_BYTES
@@ -58,7 +59,21 @@ class RegistrySettings:
     close_timeout: float = 5.0
     statement_cache_size: int = 100
 
+    def __new__(cls, *args: object, **kwargs: object) -> Self:
+        # before the generated __init__, which refuses a misspelt setting with a bare TypeError
+        known = {setting.name for setting in fields(cls)}
+        for name in kwargs:
+            if name not in known:
+                raise InvalidInputError(name, "is not a setting of RegistrySettings")
+        return object.__new__(cls)  # not super(): slots=True makes a new class
+
     def __post_init__(self) -> None:
+        for setting in fields(self):
+            value = getattr(self, setting.name)
+            kinds = (int,) if setting.type == "int" else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                what = "an integer" if kinds == (int,) else "a number"
+                raise InvalidInputError(setting.name, f"must be {what}")
         for name in (
             "safety_interval",
             "health_interval",

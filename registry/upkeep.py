@@ -133,12 +133,19 @@ class LeaseKeeper:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def resume(self, worker_id: str) -> list[RunRecord]:
-        """Renew and hold the active runs of ``worker_id``, oldest first (see
-        ``RunRegistry.resume_owned_runs``); retried once after a lost reply."""
+        """Renew and hold the active runs of ``worker_id``, and hold its queued runs, oldest
+        first (see ``RunRegistry.resume_owned_runs``); retried once after a lost reply."""
 
         async def resume() -> list[RunRecord]:
             async with self._lane.autocommit(write=True) as connection:
-                return await repository.resume_owned(connection, worker_id, self.lease, self.held())
+                # the queued runs first: one promoted between the two statements is active
+                # by the second, which takes it under the epoch the first gave it
+                queued = await repository.resume_owned_queued(connection, worker_id, self.held())
+                held = self.held() | {record.run_id: record.owner_epoch for record in queued}
+                active = await repository.resume_owned(connection, worker_id, self.lease, held)
+            records = {record.run_id: record for record in queued}
+            records.update((record.run_id, record) for record in active)
+            return sorted(records.values(), key=lambda record: record.created_at)
 
         return self._take(await converge(resume))
 

@@ -335,6 +335,10 @@ def _url_parts(
 def _target(url: str | URL) -> _Target:
     """Read ``url`` as libpq would; :class:`InvalidInputError` names what is wrong."""
     scheme, user, password, entries, database, pairs = _url_parts(url)
+    # a NUL cannot travel in the startup packet: the driver would fail on it when connecting
+    texts = [user, password, database, *entries, *(text for pair in pairs for text in pair)]
+    if any(text is not None and "\x00" in text for text in texts):
+        raise InvalidInputError("url", "contains a NUL character (%00)")
     if scheme not in _DRIVERS:
         raise InvalidInputError("url", f"unsupported scheme {scheme!r}; use postgresql://...")
     host_entries: list[str] | None = None

@@ -485,3 +485,30 @@ async def test_fifty_processes_registering_on_one_thread_leave_one_active_run(
         chain.append(successor[chain[-1]])
     assert chain[-1] == active[0]
     assert sorted(chain) == run_ids, "the supersede chain passes every run exactly once"
+
+
+async def test_a_run_queued_when_its_worker_is_killed_runs_after_the_restart(
+    registry_database_url: str, tmp_path: Path
+) -> None:
+    async with children(registry_database_url, tmp_path) as spawn:
+        owner = await spawn.start("own", "server", "1", "--queued")
+        await owner.expect("ready", timeout=40)
+        await owner.killed()  # nothing released: the active run's lease is still held
+    async with RunRegistry.connect(registry_database_url, worker_id="server") as restarted:
+        resumed = {handle.run_id: handle for handle in await restarted.resume_owned_runs()}
+        assert sorted(resumed) == ["queued-0", "run-0"]
+        ran = asyncio.Event()
+
+        async def carry_on() -> None:
+            async with restarted.continue_run(resumed["queued-0"]):
+                ran.set()
+
+        task = asyncio.create_task(carry_on())
+        assert await resumed["run-0"].finish("completed")
+        await asyncio.wait_for(task, LINE_TIMEOUT)
+        assert ran.is_set()
+    rows = await runs_of_thread(registry_database_url, "thread-0")
+    assert {row["run_id"]: row["status"] for row in rows} == {
+        "run-0": "completed",
+        "queued-0": "completed",
+    }

@@ -14,9 +14,10 @@ test on stdin where it says so. A role that would otherwise wait forever is boun
 ``forward-loop URL RUN_ID PREFIX BATCH``
     forward batches of ``BATCH`` decisions whose ids start with ``PREFIX-N-`` for N = 0, 1, ...
     until killed, printing ``sending PREFIX-N`` before and ``forwarded PREFIX-N`` after each.
-``own URL WORKER_ID COUNT``
-    register ``run-0`` .. ``run-{COUNT-1}`` (one thread each), print ``ready``, and keep their
-    leases alive with the heartbeat until killed.
+``own URL WORKER_ID COUNT [--queued]``
+    register ``run-0`` .. ``run-{COUNT-1}`` (one thread each; with ``--queued``, also
+    ``queued-N`` enqueued behind each ``run-N``), print ``ready``, and keep their leases alive
+    with the heartbeat until killed.
 ``adopt URL WORKER_ID``
     print ``ready``; after a ``go`` line, call ``adopt_orphaned_runs`` in a loop, printing
     ``adopted RUN_ID...`` for every non-empty result and ``idle`` once it has seen nothing for
@@ -122,6 +123,10 @@ async def forward_loop(registry: RunRegistry, options: argparse.Namespace) -> No
 async def own(registry: RunRegistry, options: argparse.Namespace) -> None:
     for index in range(options.count):
         await registry.register(f"run-{index}", "agent-a", f"thread-{index}")
+        if options.queued:
+            await registry.register(
+                f"queued-{index}", "agent-a", f"thread-{index}", on_conflict="enqueue"
+            )
     say("ready")
     await hold(options)
 
@@ -237,6 +242,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     role = roles.add_parser("own", parents=[common])
     role.add_argument("worker_id")
     role.add_argument("count", type=int)
+    role.add_argument("--queued", action="store_true", help="and queued-N behind each run-N")
 
     role = roles.add_parser("adopt", parents=[common])
     role.add_argument("worker_id")

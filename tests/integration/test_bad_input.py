@@ -128,6 +128,46 @@ def test_settings_are_validated() -> None:
     assert caught.value.field == "safety_interval"
     with pytest.raises(InvalidInputError):
         RegistrySettings(max_decisions_per_forward=0)
+    bad_settings: list[tuple[dict[str, Any], str]] = [
+        ({"bogus": 1}, "bogus"),
+        ({"lease_seconds": "15"}, "lease_seconds"),
+        ({"pool_size": 2.5}, "pool_size"),
+        ({"pool_size": True}, "pool_size"),
+    ]
+    for bad, field in bad_settings:
+        with pytest.raises(InvalidInputError) as caught:
+            RegistrySettings(**bad)
+        assert caught.value.field == field
+
+
+@pytest.mark.parametrize("timeout", ["x", [1], True, float("nan"), -1])
+async def test_a_bad_timeout_is_named(run_registry: RunRegistry, timeout: Any) -> None:
+    handle = await run_registry.register("run-1", "agent-a", "thread-1")
+    async with handle.decisions() as inbox:
+        with pytest.raises(InvalidInputError) as caught:
+            await inbox.get(timeout=timeout)
+        assert caught.value.field == "timeout"
+    with pytest.raises(InvalidInputError) as caught:
+        await handle.wait_active(timeout=timeout)
+    assert caught.value.field == "timeout"
+
+
+@pytest.mark.parametrize("after_seq", [2**63 - 1, 2**63, 2**100, -1])
+async def test_a_seq_past_a_bigint_is_named(run_registry: RunRegistry, after_seq: int) -> None:
+    handle = await run_registry.register("run-1", "agent-a", "thread-1")
+    await handle.bind_stream_fanout()
+    with pytest.raises(InvalidInputError) as caught:
+        await handle.publish(b"x", after_seq=after_seq)
+    assert caught.value.field == "after_seq"
+    with pytest.raises(InvalidInputError) as caught:
+        await handle.publish_many([b"x"], after_seq=after_seq)
+    assert caught.value.field == "after_seq"
+    assert await run_registry.read_chunks("run-1") == []
+    if after_seq < 2**63:
+        return  # a subscription may start after the largest seq there is
+    with pytest.raises(InvalidInputError) as caught:
+        await run_registry.subscribe_thread_run_stream("run-1", after_seq=after_seq)
+    assert caught.value.field == "after_seq"
 
 
 async def test_bad_worker_id_is_refused(registry_database_url: str) -> None:

@@ -14,6 +14,7 @@ from registry import (
     InvalidInputError,
     RegistrySettings,
     RunEndedError,
+    RunNotStartedError,
     RunRegistry,
     RunStatus,
     ThreadBusyError,
@@ -137,6 +138,22 @@ async def test_a_queued_run_cancelled_ends_and_is_never_promoted(
     }
 
 
+async def test_cancel_by_id_answers_true_for_an_active_or_a_queued_run(
+    run_registry: RunRegistry,
+) -> None:
+    await run_registry.register("run-1", "agent-a", "thread-1")
+    await run_registry.register("run-2", "agent-a", "thread-1", on_conflict="enqueue")
+    assert await run_registry.cancel_active_run_by_id("run-2"), "queued: now cancelled"
+    assert not await run_registry.cancel_active_run_by_id("run-2"), "ended"
+    assert await run_registry.cancel_active_run_by_id("run-1"), "active: cancel requested"
+    assert await run_registry.cancel_active_run_by_id("run-1"), "still active: asked again"
+    assert not await run_registry.cancel_active_run_by_id("run-unknown")
+    assert await statuses(run_registry, "thread-1") == {
+        "run-1": RunStatus.ACTIVE,
+        "run-2": RunStatus.CANCELLED,
+    }
+
+
 async def test_a_supersede_keeps_the_queue_behind_the_new_run(run_registry: RunRegistry) -> None:
     await run_registry.register("run-1", "agent-a", "thread-1")
     await run_registry.register("run-2", "agent-a", "thread-1", on_conflict="enqueue")
@@ -214,8 +231,74 @@ async def test_a_scope_cancelled_while_queued_cancels_its_run(run_registry: RunR
     assert (await statuses(run_registry, "thread-1"))["run-2"] is RunStatus.CANCELLED
 
 
+async def test_a_queued_scope_whose_run_is_cancelled_raises_run_not_started(
+    run_registry: RunRegistry,
+) -> None:
+    await run_registry.register("run-1", "agent-a", "thread-1")
+    task = asyncio.create_task(body_that_must_not_run(run_registry, "enqueue"))
+    async with asyncio.timeout(DEADLINE):
+        while await run_registry.run("run-2") is None:
+            await asyncio.sleep(0.02)
+    assert await run_registry.cancel_active_run_by_id("run-2")
+    with pytest.raises(RunNotStartedError) as raised:
+        await asyncio.wait_for(task, DEADLINE)
+    assert isinstance(raised.value, RunEndedError)
+    assert (raised.value.run_id, raised.value.status) == ("run-2", "cancelled")
+    assert (await statuses(run_registry, "thread-1"))["run-2"] is RunStatus.CANCELLED
+
+
 async def test_a_scope_that_rejects_raises_before_its_body(run_registry: RunRegistry) -> None:
     await run_registry.register("run-1", "agent-a", "thread-1")
 
     with pytest.raises(ThreadBusyError):
         await body_that_must_not_run(run_registry, "reject")
+
+
+# --- a queued run whose worker went away -------------------------------------------------------
+
+
+async def test_a_restarted_worker_runs_its_queued_run_in_turn(registry_database_url: str) -> None:
+    gone = await RunRegistry.connect(registry_database_url, worker_id="server")
+    await gone.register("run-1", "agent-a", "thread-1")
+    await gone.register("run-2", "agent-a", "thread-1", on_conflict="enqueue")
+    await gone.close()  # the process goes away (a queued run keeps no lease to release)
+    async with RunRegistry.connect(registry_database_url, worker_id="server") as again:
+        resumed = {handle.run_id: handle for handle in await again.resume_owned_runs()}
+        assert {run_id: h.record.status for run_id, h in resumed.items()} == {
+            "run-1": RunStatus.ACTIVE,
+            "run-2": RunStatus.QUEUED,
+        }
+        entered = asyncio.Event()
+
+        async def carry_on() -> None:
+            async with again.continue_run(resumed["run-2"]):
+                entered.set()
+
+        task = asyncio.create_task(carry_on())
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(entered.wait()), 0.1)
+        assert await resumed["run-1"].finish("completed")
+        await asyncio.wait_for(task, DEADLINE)
+        assert (await statuses(again, "thread-1"))["run-2"] is RunStatus.COMPLETED
+
+
+async def test_a_queued_run_of_a_gone_worker_is_adopted_once_promoted(
+    registry_database_url: str,
+) -> None:
+    fast = RegistrySettings(lease_seconds=0.3, heartbeat_interval=0.1)
+    gone = await RunRegistry.connect(registry_database_url, worker_id="gone")
+    await gone.register("run-1", "agent-a", "thread-1")
+    await gone.register("run-2", "agent-a", "thread-1", on_conflict="enqueue")
+    await gone.close()
+    async with RunRegistry.connect(registry_database_url, worker_id="other", settings=fast) as runs:
+        [first] = await runs.adopt_orphaned_runs()
+        assert first.run_id == "run-1"
+        assert await first.finish("completed")
+        # promoted with a lease nobody renews: adoptable once it expires
+        async with asyncio.timeout(DEADLINE):
+            while not (adopted := await runs.adopt_orphaned_runs()):
+                await asyncio.sleep(0.05)
+        assert [handle.run_id for handle in adopted] == ["run-2"]
+        async with runs.continue_run(adopted[0]):
+            pass
+        assert (await statuses(runs, "thread-1"))["run-2"] is RunStatus.COMPLETED

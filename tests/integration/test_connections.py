@@ -189,3 +189,12 @@ async def test_an_unreachable_server_is_one_typed_error() -> None:
             await pid_of(lane)
     finally:
         await lane.close()
+
+
+async def test_a_database_that_does_not_exist_is_said_so(registry_database_url: str) -> None:
+    missing = registry_database_url.rpartition("/")[0] + "/no_such_database_here"
+    with pytest.raises(DatabaseError) as caught:
+        await RunRegistry.connect(missing)
+    assert caught.value.sqlstate == "3D000"
+    assert "does not exist" in str(caught.value)
+    assert "refused the statement" not in str(caught.value)

@@ -21,6 +21,7 @@ from registry import (
     ToolCallDecision,
 )
 from registry.scope import INTERRUPTED_REASON
+from tests.helpers.database import decisions_of_run
 
 #: a wake-up within one process takes milliseconds
 DEADLINE = 5.0
@@ -400,3 +401,44 @@ async def test_a_resumed_run_publishes_on_from_its_last_seq(
     chunks = await run_registry.read_chunks("run-1")
     assert [chunk.data for chunk in chunks] == [f"chunk {i}".encode() for i in range(1, 11)]
     assert (await status_of(run_registry, "run-1"))[0] is RunStatus.COMPLETED
+
+
+async def test_a_run_resumed_while_waiting_for_an_approval_reads_it(
+    registry_database_url: str, run_registry: RunRegistry
+) -> None:
+    pieces = [b"piece 1: may I call the tool?", b"piece 2: done"]
+
+    async def body(run: RunHandle) -> list[int]:
+        # the README's body: from its last published piece (published again: it converges)
+        seq = max((run.record.stream_seq or 0) - 1, 0)
+        attempts = []
+        for piece in pieces[seq:]:
+            seq = await run.publish(piece, after_seq=seq)
+            if seq == 1:  # the piece that asks for an approval
+                async with run.decisions(until_cancelled=True) as inbox:
+                    delivery = await inbox.get(timeout=DEADLINE)
+                    attempts.append(delivery.attempts)
+                    assert await delivery.ack()
+        return attempts
+
+    first = await RunRegistry.connect(registry_database_url, worker_id="server")
+    handle = await first.register("run-1", "agent-a", "thread-1")
+    await handle.bind_stream_fanout()
+    await handle.publish(pieces[0], after_seq=0)
+    await first.forward_decisions_by_run_id(
+        "run-1", [ToolCallDecision.resume("call-1", {"ok": True}, decision_id="approval-1")]
+    )
+    inbox = handle.decisions()
+    await inbox.get(timeout=DEADLINE)  # delivered, never acknowledged: the server dies
+    await first.close()
+
+    second, resumed = await resume_elsewhere(registry_database_url, "server")
+    try:
+        async with second.continue_run(resumed) as run:
+            assert await body(run) == [2], "the decision is delivered again, once"
+    finally:
+        await second.close()
+    chunks = await run_registry.read_chunks("run-1")
+    assert [chunk.data for chunk in chunks] == pieces
+    [decision] = await decisions_of_run(registry_database_url, "run-1")
+    assert decision["status"] == "acked"

@@ -221,6 +221,7 @@ def test_async_url_reads_a_host_list() -> None:
         ("options=-c", "options: -c needs name=value"),
         ("options=-c%20x%3D1%5C", "options: ends with a lone backslash"),
         ("sslmode", "parameter 'sslmode' has no value"),
+        ("application_name=x%00y", "contains a NUL character"),
     ],
 )
 def test_a_bad_parameter_is_named(query: str, named: str) -> None:
@@ -240,6 +241,8 @@ def test_a_bad_parameter_is_named(query: str, named: str) -> None:
         ("postgresql://app@[::1/runs", "is not [address]:port"),
         ("mysql://app@db.example/runs", "unsupported scheme 'mysql'"),
         ("db.example:5432", "not a database URL"),
+        ("postgresql://app%00x@db.example/runs", "contains a NUL character"),
+        ("postgresql://app@db.example/ru%00ns", "contains a NUL character"),
     ],
 )
 def test_a_bad_url_is_named(url: str, named: str) -> None:
