@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from registry.errors import InvalidInputError
+from registry.models import checked_schema
 from registry.notifications import MAX_INLINE_BYTES
 
 
@@ -38,6 +39,9 @@ class RegistrySettings:
     ``statement_cache_size``: asyncpg's prepared statement cache per query connection; set 0
     behind pgbouncer in ``pool_mode=transaction`` (unless it is 1.21+ with
     ``max_prepared_statements`` set), so every statement is an unnamed one.
+    ``schema``: the PostgreSQL schema that holds the registry's tables (a plain lower-case
+    identifier); ``None`` takes the URL's ``schema`` parameter, else ``REGISTRY_SCHEMA``, else
+    ``registry``. A URL that names another schema raises :class:`InvalidInputError`.
     """
 
     safety_interval: float = 1.0
@@ -57,6 +61,7 @@ class RegistrySettings:
     call_timeout: float = 5.0
     close_timeout: float = 5.0
     statement_cache_size: int = 100
+    schema: str | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -85,6 +90,8 @@ class RegistrySettings:
                 raise InvalidInputError(name, "must be at least 1")
         if not self.statement_cache_size >= 0:
             raise InvalidInputError("statement_cache_size", "must not be negative")
+        if self.schema is not None:
+            checked_schema(self.schema)
         if self.heartbeat_interval >= self.lease_seconds:
             raise InvalidInputError("heartbeat_interval", "must be shorter than lease_seconds")
         if not 0 <= self.inline_chunk_bytes <= MAX_INLINE_BYTES:
