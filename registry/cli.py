@@ -87,6 +87,7 @@ from registry.locate import (
 )
 from registry.models import RunStatus
 from registry.schema import alembic_config, check_revision, migrate
+from registry.urls import schema_of
 
 _log = logging.getLogger(__name__)
 
@@ -193,7 +194,10 @@ async def migrate_command(database_url: str | None, sql: bool) -> None:
     Safe to run again, and from several places at once. Run it as the schema's owner.
     """
     if sql:
-        alembic_command.upgrade(alembic_config(), "head", sql=True)
+        config = alembic_config()
+        if database_url is not None:  # only its schema parameter matters here
+            config.attributes["schema"] = schema_of(database_url)
+        alembic_command.upgrade(config, "head", sql=True)
         return
     location = await locate(database_url)
     # read the revision first: it also tells an unreachable server within the connect timeout

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -30,9 +31,10 @@ from registry.errors import (
     RegistryError,
 )
 from registry.urls import APPLICATION_NAME as APPLICATION_NAME
+from registry.urls import DEFAULT_SCHEMA as DEFAULT_SCHEMA
 from registry.urls import async_url as async_url
 from registry.urls import asyncpg_dsn as asyncpg_dsn
-from registry.urls import connect_arguments
+from registry.urls import connect_arguments, schema_of
 
 if TYPE_CHECKING:
     #: A driver connection, the one kind of connection statements run on.
@@ -42,6 +44,34 @@ else:
 
 #: A row a driver connection returns (read by column name).
 Row = asyncpg.Record
+
+
+class SchemaConnection(asyncpg.Connection):
+    """A driver connection that knows the schema holding the registry's objects.
+
+    Statements name their tables qualified (see ``repository``) rather than through
+    ``search_path``: a session setting does not survive a pooler in transaction mode.
+    """
+
+    __slots__ = ()
+    #: the schema of this connection's URL (see :func:`registry.urls.schema_of`)
+    registry_schema: str = DEFAULT_SCHEMA
+
+
+@functools.cache
+def schema_connection_class(schema: str) -> type[SchemaConnection]:
+    """The connection class whose connections work in ``schema`` (one class per schema)."""
+    return type(
+        "SchemaConnection", (SchemaConnection,), {"__slots__": (), "registry_schema": schema}
+    )
+
+
+def connection_schema(connection: DriverConnection) -> str:
+    """The schema a driver connection works in (:data:`DEFAULT_SCHEMA` for one opened
+    elsewhere than :func:`connect` or :func:`create_engine`)."""
+    # not isinstance: asyncpg's metaclass makes every Connection an instance of each subclass
+    schema: str = getattr(connection, "registry_schema", DEFAULT_SCHEMA)
+    return schema
 
 
 def create_engine(url: str | URL, *, pool_size: int = 1, **kwargs: Any) -> AsyncEngine:
@@ -56,7 +86,11 @@ def create_engine(url: str | URL, *, pool_size: int = 1, **kwargs: Any) -> Async
         URL.create("postgresql+asyncpg"),
         pool_size=pool_size,
         max_overflow=kwargs.pop("max_overflow", 0),
-        connect_args={"dsn": dsn, **arguments},
+        connect_args={
+            "dsn": dsn,
+            "connection_class": schema_connection_class(schema_of(url)),
+            **arguments,
+        },
         **kwargs,
     )
 
@@ -78,7 +112,10 @@ async def connect(
         dsn, application_name=application_name, timeout=connect_timeout
     )
     connection: DriverConnection = await asyncpg.connect(
-        target, statement_cache_size=statement_cache_size, **arguments
+        target,
+        statement_cache_size=statement_cache_size,
+        connection_class=schema_connection_class(schema_of(dsn)),
+        **arguments,
     )
     return connection
 

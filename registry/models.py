@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,12 @@ from registry.errors import InvalidInputError, TooManyDecisionsError
 
 #: Longest id (run, thread, agent, target, decision) the registry stores.
 MAX_ID_LENGTH = 255
+
+#: The PostgreSQL schema that holds every object of the registry, unless the URL's ``schema``
+#: parameter, :attr:`RegistrySettings.schema` or ``REGISTRY_SCHEMA`` names another.
+DEFAULT_SCHEMA = "registry"
+#: what a schema name may be: a plain lower-case identifier, so that quoting it is all it needs
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 #: Longest free-text ``reason`` on a decision.
 MAX_REASON_LENGTH = 65_536
 #: Largest value of the database's ``bigint``: seqs, ids and counts are stored as one.
@@ -108,6 +115,17 @@ def check_text(field: str, value: object, *, max_length: int, allow_empty: bool)
     except UnicodeEncodeError:
         raise InvalidInputError(field, "is not valid UTF-8 (lone surrogate)") from None
     return value
+
+
+def checked_schema(name: str) -> str:
+    """``name`` if it is a plain lower-case identifier (``[a-z_][a-z0-9_]{0,62}``), the only
+    schema names the registry takes (it quotes them into DDL and statements); else raises
+    :class:`InvalidInputError` naming ``schema``."""
+    if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
+        raise InvalidInputError(
+            "schema", f"{str(name)[:80]!r} is not a plain lower-case identifier ([a-z_][a-z0-9_]*)"
+        )
+    return name
 
 
 def check_id(field: str, value: object) -> str:

@@ -128,7 +128,10 @@ class RunRegistry(RegistryInspector):
         check_id("worker_id", worker_id)
         listen_dsn = None if listen_url is None else asyncpg_dsn(listen_url)
         registry = cls(
-            dsn=asyncpg_dsn(url), worker_id=worker_id, settings=settings, listen_dsn=listen_dsn
+            dsn=asyncpg_dsn(url, schema=settings.schema),
+            worker_id=worker_id,
+            settings=settings,
+            listen_dsn=listen_dsn,
         )
         try:
             check_revision(await registry.schema_revision())

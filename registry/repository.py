@@ -4,7 +4,8 @@ One way to run a statement: plain ``$n`` SQL on an asyncpg connection. Functions
 the caller owns the transaction (``connections.Connections.transaction()``), or runs a single
 statement in autocommit, which PostgreSQL makes one transaction. All values travel as bind
 parameters, the notification kinds included; the only SQL text composed at run time is a
-column list or a database name we generated, quoted after a strict check.
+column list, a database name we generated or the registry's schema, quoted after a strict
+check.
 
 Notifications are sent with ``pg_notify`` inside the statement that makes the change, so they
 go out exactly when it commits. Their payloads follow ``registry.notifications``.
@@ -12,6 +13,7 @@ go out exactly when it commits. Their payloads follow ``registry.notifications``
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from registry.database import DriverConnection, Row
+from registry.database import DEFAULT_SCHEMA, DriverConnection, Row, connection_schema
 from registry.errors import InvalidInputError, ThreadBusyError
 from registry.models import (
     ConflictPolicy,
@@ -31,6 +33,7 @@ from registry.models import (
     RunStatus,
     StreamChunk,
     ToolCallDecision,
+    checked_schema,
 )
 from registry.notifications import (
     CHANNEL,
@@ -39,6 +42,25 @@ from registry.notifications import (
     RunChanged,
     encode,
 )
+
+#: Statements below name their tables in the default schema (``registry.runs``); :func:`_in`
+#: gives the text for the connection's schema. Qualified names rather than ``search_path``:
+#: behind a pooler in transaction mode a session setting is not reliably the session's.
+_TABLES = "runs|decisions|stream_chunks|notification_secrets|decision_audit|alembic_version"
+_QUALIFIED = re.compile(rf"\bregistry\.(?=(?:{_TABLES})\b)")
+
+
+@functools.cache
+def _in_schema(statement: str, schema: str) -> str:
+    # ``schema`` is a checked plain identifier (urls.checked_schema): quoting is all it needs
+    return _QUALIFIED.sub(f'"{schema}".', statement)
+
+
+def _in(connection: DriverConnection, statement: str) -> str:
+    """``statement`` with its tables in the schema ``connection`` works in (cached)."""
+    schema = connection_schema(connection)
+    return statement if schema == DEFAULT_SCHEMA else _in_schema(statement, schema)
+
 
 #: Advisory lock key that serialises concurrent ``migrate`` calls ("registry" in ASCII).
 MIGRATION_LOCK_KEY = 0x7265676973747279
@@ -76,7 +98,7 @@ def _notify_each_arguments(kind: NotificationKind, key: NotificationKey) -> tupl
 _RUN_COLUMNS = (
     "run_id, thread_id, agent_id, status, owner_id, cancel_requested_at, "
     "created_at, updated_at, ended_at, end_reason, owner_epoch, stream_seq, queued_at, "
-    "(SELECT coalesce(max(acked.id), 0) FROM decisions AS acked "
+    "(SELECT coalesce(max(acked.id), 0) FROM registry.decisions AS acked "
     "WHERE acked.run_id = runs.run_id AND acked.status = 'acked') AS decision_cursor"
 )
 
@@ -100,21 +122,14 @@ def _run_record(row: Row) -> RunRecord:
     )
 
 
-_LOCK_MIGRATIONS = "SELECT pg_advisory_xact_lock($1)"
-
-
-async def lock_migrations(connection: DriverConnection) -> None:
-    """Serialise schema migrations across processes until the transaction ends."""
-    await connection.execute(_LOCK_MIGRATIONS, MIGRATION_LOCK_KEY)
-
-
 # --- runs ------------------------------------------------------------------------------------
+
 
 _LOCK_THREAD = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
 
 
 _SUPERSEDE_ACTIVE = """
-    UPDATE runs
+    UPDATE registry.runs
        SET status = 'superseded', superseded_by = $2, end_reason = $3,
            ended_at = now(), updated_at = now(), lease_expires_at = NULL
      WHERE thread_id = $1 AND status = 'active'
@@ -125,13 +140,16 @@ _SUPERSEDE_ACTIVE = """
 # clock_timestamp(), not now(): taken under the thread's lock, it orders a thread's queue by
 # arrival (now() is when each transaction began)
 _INSERT_RUN = f"""
-    INSERT INTO runs (run_id, thread_id, agent_id, owner_id, lease_expires_at, status, queued_at)
+    INSERT INTO registry.runs
+           (run_id, thread_id, agent_id, owner_id, lease_expires_at, status, queued_at)
     VALUES ($1, $2, $3, $4, now() + $5::interval, $6,
             CASE WHEN $6::text = 'queued' THEN clock_timestamp() END)
     RETURNING {_RUN_COLUMNS}
 """
 
-_ACTIVE_RUN_ID_OF_THREAD = "SELECT run_id FROM runs WHERE thread_id = $1 AND status = 'active'"
+_ACTIVE_RUN_ID_OF_THREAD = (
+    "SELECT run_id FROM registry.runs WHERE thread_id = $1 AND status = 'active'"
+)
 
 
 async def register_run(
@@ -161,21 +179,25 @@ async def register_run(
     status = RunStatus.ACTIVE
     if on_conflict is ConflictPolicy.SUPERSEDE:
         reason = f"superseded by run {run_id}"
-        old: str | None = await connection.fetchval(_SUPERSEDE_ACTIVE, thread_id, run_id, reason)
+        old: str | None = await connection.fetchval(
+            _in(connection, _SUPERSEDE_ACTIVE), thread_id, run_id, reason
+        )
         if old is not None:
             reason = f"run {old} superseded by run {run_id}"
             await drop_open_decisions_and_notify(
                 connection, old, reason, NotificationKind.SUPERSEDED, key
             )
     else:
-        active: str | None = await connection.fetchval(_ACTIVE_RUN_ID_OF_THREAD, thread_id)
+        active: str | None = await connection.fetchval(
+            _in(connection, _ACTIVE_RUN_ID_OF_THREAD), thread_id
+        )
         # this very run (a retried register) goes on to the insert, which the key refuses
         if active is not None and active != run_id:
             if on_conflict is ConflictPolicy.REJECT:
                 raise ThreadBusyError(thread_id, active)
             status = RunStatus.QUEUED
     row = await connection.fetchrow(
-        _INSERT_RUN, run_id, thread_id, agent_id, owner_id, lease, status.value
+        _in(connection, _INSERT_RUN), run_id, thread_id, agent_id, owner_id, lease, status.value
     )
     assert row is not None  # INSERT ... RETURNING of one row
     return _run_record(row)
@@ -185,21 +207,21 @@ async def register_run(
 # run's row) and an end (the row, then the thread lock) would otherwise deadlock.
 _LOCK_THREAD_OF_RUN = """
     SELECT thread_id, pg_advisory_xact_lock(hashtextextended(thread_id, 0))
-      FROM runs WHERE run_id = $1
+      FROM registry.runs WHERE run_id = $1
 """
 
 
 async def _lock_thread_of(connection: DriverConnection, run_id: str) -> str | None:
     """Take the advisory lock of the run's thread until the transaction ends; return the
     thread's id (``None``: no such run, nothing locked)."""
-    row = await connection.fetchrow(_LOCK_THREAD_OF_RUN, run_id)
+    row = await connection.fetchrow(_in(connection, _LOCK_THREAD_OF_RUN), run_id)
     return None if row is None else str(row["thread_id"])
 
 
 # Without an outcome ($2), the seed's rule: cancelled if a cancel was requested, else
 # completed. The reason defaults to the outcome's name.
 _END_RUN = """
-    UPDATE runs
+    UPDATE registry.runs
        SET status = coalesce(
                $3::text,
                CASE WHEN cancel_requested_at IS NULL THEN 'completed' ELSE 'cancelled' END),
@@ -236,7 +258,7 @@ async def end_run(
     if thread_id is None:
         return False
     status = None if outcome is None else outcome.value
-    if await connection.fetchval(_END_RUN, run_id, epoch, status, reason) is None:
+    if await connection.fetchval(_in(connection, _END_RUN), run_id, epoch, status, reason) is None:
         return False
     dropped = f"run {run_id} ended"
     await drop_open_decisions_and_notify(connection, run_id, dropped, NotificationKind.ENDED, key)
@@ -247,13 +269,13 @@ async def end_run(
 # The caller holds the thread's lock, so the queue and the active run cannot change under it.
 _PROMOTE_NEXT = f"""
     WITH next AS (
-        SELECT run_id FROM runs
+        SELECT run_id FROM registry.runs
          WHERE thread_id = $1 AND status = 'queued'
-           AND NOT EXISTS (SELECT FROM runs WHERE thread_id = $1 AND status = 'active')
+           AND NOT EXISTS (SELECT FROM registry.runs WHERE thread_id = $1 AND status = 'active')
          ORDER BY queued_at, run_id
          LIMIT 1
     ), promoted AS (
-        UPDATE runs SET status = 'active', updated_at = now(),
+        UPDATE registry.runs SET status = 'active', updated_at = now(),
                lease_expires_at = now() + $6::interval
           FROM next
          WHERE runs.run_id = next.run_id AND runs.status = 'queued'
@@ -270,13 +292,16 @@ async def promote_next(
     :func:`register_run`). The run keeps its owner and epoch, and gets a lease of ``lease``
     (its owner renews it from then on; an owner gone lets it be adopted)."""
     row = await connection.fetchrow(
-        _PROMOTE_NEXT, thread_id, *_notify_each_arguments(NotificationKind.ACTIVE, key), lease
+        _in(connection, _PROMOTE_NEXT),
+        thread_id,
+        *_notify_each_arguments(NotificationKind.ACTIVE, key),
+        lease,
     )
     return None if row is None else str(row["run_id"])
 
 
 _CANCEL_QUEUED = """
-    UPDATE runs
+    UPDATE registry.runs
        SET status = 'cancelled', end_reason = 'cancelled while queued',
            cancel_requested_at = now(), ended_at = now(), updated_at = now(),
            lease_expires_at = NULL
@@ -295,33 +320,40 @@ async def cancel_queued_run(
         return False
     cancel = encode(RunChanged(NotificationKind.CANCEL, run_id), key)
     ended = encode(RunChanged(NotificationKind.ENDED, run_id), key)
-    return await connection.fetchrow(_CANCEL_QUEUED, run_id, CHANNEL, cancel, ended) is not None
+    return (
+        await connection.fetchrow(_in(connection, _CANCEL_QUEUED), run_id, CHANNEL, cancel, ended)
+        is not None
+    )
 
 
-_ACTIVE_BY_THREAD = f"SELECT {_RUN_COLUMNS} FROM runs WHERE thread_id = $1 AND status = 'active'"
+_ACTIVE_BY_THREAD = (
+    f"SELECT {_RUN_COLUMNS} FROM registry.runs WHERE thread_id = $1 AND status = 'active'"
+)
 
 
 async def active_run_by_thread(connection: DriverConnection, thread_id: str) -> RunRecord | None:
     """The thread's active run, if any."""
-    row = await connection.fetchrow(_ACTIVE_BY_THREAD, thread_id)
+    row = await connection.fetchrow(_in(connection, _ACTIVE_BY_THREAD), thread_id)
     return None if row is None else _run_record(row)
 
 
-_ACTIVE_BY_RUN_ID = f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = $1 AND status = 'active'"
+_ACTIVE_BY_RUN_ID = (
+    f"SELECT {_RUN_COLUMNS} FROM registry.runs WHERE run_id = $1 AND status = 'active'"
+)
 
 
 async def active_run_by_id(connection: DriverConnection, run_id: str) -> RunRecord | None:
     """The run ``run_id`` if it is active."""
-    row = await connection.fetchrow(_ACTIVE_BY_RUN_ID, run_id)
+    row = await connection.fetchrow(_in(connection, _ACTIVE_BY_RUN_ID), run_id)
     return None if row is None else _run_record(row)
 
 
-_RUN_BY_ID = f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = $1"
+_RUN_BY_ID = f"SELECT {_RUN_COLUMNS} FROM registry.runs WHERE run_id = $1"
 
 
 async def run_by_id(connection: DriverConnection, run_id: str) -> RunRecord | None:
     """The run ``run_id`` in any status."""
-    row = await connection.fetchrow(_RUN_BY_ID, run_id)
+    row = await connection.fetchrow(_in(connection, _RUN_BY_ID), run_id)
     return None if row is None else _run_record(row)
 
 
@@ -350,13 +382,16 @@ def _run_state(row: Row) -> RunState:
 
 _RUN_STATES = """
     SELECT run_id, status, cancel_requested_at, stream_seq, owner_epoch
-      FROM runs WHERE run_id = ANY($1::text[])
+      FROM registry.runs WHERE run_id = ANY($1::text[])
 """
 
 
 async def run_states(connection: DriverConnection, run_ids: Sequence[str]) -> list[RunState]:
     """State of many runs in one round trip (the safety-net re-check); missing runs are absent."""
-    return [_run_state(row) for row in await connection.fetch(_RUN_STATES, list(run_ids))]
+    return [
+        _run_state(row)
+        for row in await connection.fetch(_in(connection, _RUN_STATES), list(run_ids))
+    ]
 
 
 # The safety net's run check, answered by the server: the watched runs, with what the process
@@ -367,7 +402,7 @@ _CHANGED_RUN_STATES = """
     SELECT known.run_id, runs.status, runs.cancel_requested_at, runs.stream_seq,
            runs.owner_epoch
       FROM unnest($1::text[]) AS known(run_id)
-      LEFT JOIN runs ON runs.run_id = known.run_id
+      LEFT JOIN registry.runs ON runs.run_id = known.run_id
       LEFT JOIN unnest($4::text[], $5::bigint[]) AS read(run_id, position)
              ON read.run_id = known.run_id
      WHERE runs.run_id IS NULL
@@ -396,7 +431,7 @@ async def changed_run_states(
     """The states of the runs in ``known`` that say more than is known (ended, cancelled,
     activated, chunks past the position), and the ids of those that no longer exist."""
     rows = await connection.fetch(
-        _CHANGED_RUN_STATES,
+        _in(connection, _CHANGED_RUN_STATES),
         known.run_ids,
         known.cancelled,
         known.not_active,
@@ -408,19 +443,20 @@ async def changed_run_states(
 
 
 _STREAM_STATE = """
-    SELECT run_id, status, cancel_requested_at, stream_seq, owner_epoch FROM runs WHERE run_id = $1
+    SELECT run_id, status, cancel_requested_at, stream_seq, owner_epoch
+      FROM registry.runs WHERE run_id = $1
 """
 
 
 async def stream_state(connection: DriverConnection, run_id: str) -> RunState | None:
     """The run's state including its stream position, in any status."""
-    row = await connection.fetchrow(_STREAM_STATE, run_id)
+    row = await connection.fetchrow(_in(connection, _STREAM_STATE), run_id)
     return None if row is None else _run_state(row)
 
 
 _CANCEL_BY_ID = """
     WITH cancelled AS (
-        UPDATE runs
+        UPDATE registry.runs
            SET cancel_requested_at = coalesce(cancel_requested_at, now()), updated_at = now()
          WHERE run_id = $1 AND status = 'active'
         RETURNING run_id
@@ -437,13 +473,13 @@ async def request_cancel_by_id(
     The first request's time is kept; repeating it is harmless and notifies again.
     """
     payload = encode(RunChanged(NotificationKind.CANCEL, run_id), key)
-    row = await connection.fetchrow(_CANCEL_BY_ID, run_id, CHANNEL, payload)
+    row = await connection.fetchrow(_in(connection, _CANCEL_BY_ID), run_id, CHANNEL, payload)
     return None if row is None else str(row["run_id"])
 
 
 _CANCEL_BY_THREAD = f"""
     WITH cancelled AS (
-        UPDATE runs
+        UPDATE registry.runs
            SET cancel_requested_at = coalesce(cancel_requested_at, now()), updated_at = now()
          WHERE thread_id = $1 AND status = 'active' AND ($2::text IS NULL OR agent_id = $2::text)
         RETURNING run_id
@@ -466,7 +502,7 @@ async def request_cancel_by_thread(
     With ``agent_id``, only if that agent owns the run.
     """
     row = await connection.fetchrow(
-        _CANCEL_BY_THREAD,
+        _in(connection, _CANCEL_BY_THREAD),
         thread_id,
         agent_id,
         CHANNEL,
@@ -483,7 +519,7 @@ async def request_cancel_by_thread(
 # too), so two of them never deadlock; NO KEY UPDATE is what the UPDATE takes anyway.
 _LOCK_HELD = """
     locked AS MATERIALIZED (
-        SELECT run_id FROM runs WHERE run_id = ANY($1::text[]) AND status = 'active'
+        SELECT run_id FROM registry.runs WHERE run_id = ANY($1::text[]) AND status = 'active'
          ORDER BY run_id
            FOR NO KEY UPDATE
     )
@@ -491,7 +527,7 @@ _LOCK_HELD = """
 
 _RENEW_LEASES = f"""
     WITH {_LOCK_HELD}
-    UPDATE runs SET lease_expires_at = now() + $3::interval
+    UPDATE registry.runs SET lease_expires_at = now() + $3::interval
       FROM unnest($1::text[], $2::bigint[]) AS held(run_id, epoch) JOIN locked USING (run_id)
      WHERE runs.run_id = held.run_id AND runs.owner_epoch = held.epoch
        AND runs.status = 'active'
@@ -508,12 +544,14 @@ async def renew_leases(
 
     Queued runs are left alone: a promotion gives them a fresh lease, and locking them here
     could close a cycle with an end that promotes (its run's row, then the queued one)."""
-    rows = await connection.fetch(_RENEW_LEASES, list(held), list(held.values()), lease)
+    rows = await connection.fetch(
+        _in(connection, _RENEW_LEASES), list(held), list(held.values()), lease
+    )
     return {row["run_id"] for row in rows}
 
 
 _HELD_RUN_STATES = """
-    SELECT run_id, status, owner_epoch FROM runs WHERE run_id = ANY($1::text[])
+    SELECT run_id, status, owner_epoch FROM registry.runs WHERE run_id = ANY($1::text[])
 """
 
 
@@ -521,13 +559,13 @@ async def held_run_states(
     connection: DriverConnection, run_ids: Sequence[str]
 ) -> dict[str, tuple[RunStatus, int]]:
     """Status and owner epoch of each run in ``run_ids`` that exists."""
-    rows = await connection.fetch(_HELD_RUN_STATES, list(run_ids))
+    rows = await connection.fetch(_in(connection, _HELD_RUN_STATES), list(run_ids))
     return {row["run_id"]: (RunStatus(row["status"]), row["owner_epoch"]) for row in rows}
 
 
 _RELEASE_LEASES = f"""
     WITH {_LOCK_HELD}
-    UPDATE runs SET lease_expires_at = now()
+    UPDATE registry.runs SET lease_expires_at = now()
       FROM unnest($1::text[], $2::bigint[]) AS held(run_id, epoch) JOIN locked USING (run_id)
      WHERE runs.run_id = held.run_id AND runs.owner_epoch = held.epoch
        AND runs.status = 'active'
@@ -538,21 +576,21 @@ async def release_leases(connection: DriverConnection, held: Mapping[str, int]) 
     """Let the runs in ``held`` (run id to owner epoch) be adopted at once: a registry that
     shuts down cleanly releases only what it holds, never another registry's runs of the same
     worker id."""
-    await connection.execute(_RELEASE_LEASES, list(held), list(held.values()))
+    await connection.execute(_in(connection, _RELEASE_LEASES), list(held), list(held.values()))
 
 
 # Resuming takes every active run of the worker id (a restarted process continues them), and
 # moves the epoch on for each one this registry does not already hold: a registry of the same
 # worker id still running (an overlapping deploy) is fenced off those runs.
 _RESUME_OWNED = f"""
-    UPDATE runs SET lease_expires_at = now() + $2::interval, updated_at = now(),
+    UPDATE registry.runs SET lease_expires_at = now() + $2::interval, updated_at = now(),
            owner_epoch = owner_epoch + CASE
                WHEN (run_id, owner_epoch) IN (SELECT * FROM unnest($3::text[], $4::bigint[]))
                THEN 0 ELSE 1 END
      WHERE run_id IN (
             -- FOR UPDATE: it waits for claims and acks in flight under the old epoch (they
             -- lock the row FOR KEY SHARE, which a plain UPDATE would not wait for)
-            SELECT run_id FROM runs WHERE owner_id = $1 AND status = 'active'
+            SELECT run_id FROM registry.runs WHERE owner_id = $1 AND status = 'active'
              ORDER BY run_id FOR UPDATE
            )
     RETURNING {_RUN_COLUMNS}
@@ -569,7 +607,9 @@ async def resume_owned(
     for each run not in ``held`` (run id to the epoch this registry holds it under). Queued
     runs are taken by :func:`resume_owned_queued`, in a statement of their own."""
     held = held or {}
-    rows = await connection.fetch(_RESUME_OWNED, owner_id, lease, list(held), list(held.values()))
+    rows = await connection.fetch(
+        _in(connection, _RESUME_OWNED), owner_id, lease, list(held), list(held.values())
+    )
     return sorted((_run_record(row) for row in rows), key=lambda run: run.created_at)
 
 
@@ -577,12 +617,12 @@ async def resume_owned(
 # row it promotes; one statement locking both kinds in run id order could close that cycle.
 # No lease: a queued run's is set when it is promoted.
 _RESUME_OWNED_QUEUED = f"""
-    UPDATE runs SET updated_at = now(),
+    UPDATE registry.runs SET updated_at = now(),
            owner_epoch = owner_epoch + CASE
                WHEN (run_id, owner_epoch) IN (SELECT * FROM unnest($2::text[], $3::bigint[]))
                THEN 0 ELSE 1 END
      WHERE run_id IN (
-            SELECT run_id FROM runs WHERE owner_id = $1 AND status = 'queued'
+            SELECT run_id FROM registry.runs WHERE owner_id = $1 AND status = 'queued'
              ORDER BY run_id FOR UPDATE
            )
        AND status = 'queued'
@@ -597,15 +637,18 @@ async def resume_owned_queued(
     not in ``held`` (as :func:`resume_owned`), which fences off a registry of the same owner
     still waiting on them. A run promoted meanwhile is not returned (it is active: take it
     with :func:`resume_owned` after this)."""
-    rows = await connection.fetch(_RESUME_OWNED_QUEUED, owner_id, list(held), list(held.values()))
+    rows = await connection.fetch(
+        _in(connection, _RESUME_OWNED_QUEUED), owner_id, list(held), list(held.values())
+    )
     return [_run_record(row) for row in rows]
 
 
 _ADOPT_ORPHANS = f"""
-    UPDATE runs SET owner_id = $1, updated_at = now(), lease_expires_at = now() + $2::interval,
+    UPDATE registry.runs
+       SET owner_id = $1, updated_at = now(), lease_expires_at = now() + $2::interval,
            owner_epoch = owner_epoch + 1
      WHERE run_id IN (
-            SELECT run_id FROM runs
+            SELECT run_id FROM registry.runs
              WHERE status = 'active'
                AND (lease_expires_at IS NULL OR lease_expires_at < now())
                -- not a run the adopter holds itself (its heartbeat fell behind): adopting it
@@ -633,7 +676,9 @@ async def adopt_orphans(
 
     ``SKIP LOCKED`` lets concurrent adopters take disjoint runs without waiting.
     """
-    rows = await connection.fetch(_ADOPT_ORPHANS, owner_id, lease, limit, list(held))
+    rows = await connection.fetch(
+        _in(connection, _ADOPT_ORPHANS), owner_id, lease, limit, list(held)
+    )
     return sorted((_run_record(row) for row in rows), key=lambda run: run.created_at)
 
 
@@ -643,7 +688,7 @@ _CANCELLED_ORPHAN = """
 """
 
 _THREADS_OF_CANCELLED_ORPHANS = f"""
-    SELECT DISTINCT thread_id FROM runs WHERE {_CANCELLED_ORPHAN}
+    SELECT DISTINCT thread_id FROM registry.runs WHERE {_CANCELLED_ORPHAN}
 """
 
 # one thread after the other in a fixed order: two sweepers never wait on each other in a ring
@@ -655,7 +700,7 @@ _LOCK_THREADS = """
 
 _SWEEP_CANCELLED_ORPHANS = f"""
     WITH swept AS (
-        UPDATE runs
+        UPDATE registry.runs
            SET status = 'cancelled', end_reason = 'cancelled while its owner was gone',
                ended_at = now(), updated_at = now()
          WHERE {_CANCELLED_ORPHAN} AND thread_id = ANY($6::text[])
@@ -673,13 +718,14 @@ async def sweep_cancelled_orphans(
     following statement.
     """
     threads = [
-        row["thread_id"] for row in await connection.fetch(_THREADS_OF_CANCELLED_ORPHANS, grace)
+        row["thread_id"]
+        for row in await connection.fetch(_in(connection, _THREADS_OF_CANCELLED_ORPHANS), grace)
     ]
     if not threads:
         return []
     await connection.execute(_LOCK_THREADS, threads)
     rows = await connection.fetch(
-        _SWEEP_CANCELLED_ORPHANS,
+        _in(connection, _SWEEP_CANCELLED_ORPHANS),
         grace,
         *_notify_each_arguments(NotificationKind.ENDED, key),
         threads,
@@ -692,7 +738,7 @@ async def sweep_cancelled_orphans(
 # --- decisions -------------------------------------------------------------------------------
 
 _DROP_OPEN_DECISIONS = """
-    UPDATE decisions SET status = 'dropped', drop_reason = $2, dropped_at = now()
+    UPDATE registry.decisions SET status = 'dropped', drop_reason = $2, dropped_at = now()
      WHERE run_id = $1 AND status IN ('pending', 'delivered')
 """
 
@@ -703,13 +749,13 @@ async def drop_open_decisions(connection: DriverConnection, run_id: str, reason:
     Runs as its own statement after the run's row was updated, so that it sees decisions
     committed by a forward that held the run's row lock until then.
     """
-    status = await connection.execute(_DROP_OPEN_DECISIONS, run_id, reason)
+    status = await connection.execute(_in(connection, _DROP_OPEN_DECISIONS), run_id, reason)
     return int(status.rsplit(" ", 1)[-1])
 
 
 _DROP_OPEN_DECISIONS_AND_NOTIFY = """
     WITH dropped AS (
-        UPDATE decisions SET status = 'dropped', drop_reason = $2, dropped_at = now()
+        UPDATE registry.decisions SET status = 'dropped', drop_reason = $2, dropped_at = now()
          WHERE run_id = $1 AND status IN ('pending', 'delivered')
         RETURNING 1
     )
@@ -727,7 +773,7 @@ async def drop_open_decisions_and_notify(
     """:func:`drop_open_decisions` and a ``kind`` notification of the run, in one round trip."""
     payload = encode(RunChanged(kind, run_id), key)
     dropped = await connection.fetchval(
-        _DROP_OPEN_DECISIONS_AND_NOTIFY, run_id, reason, CHANNEL, payload
+        _in(connection, _DROP_OPEN_DECISIONS_AND_NOTIFY), run_id, reason, CHANNEL, payload
     )
     return int(dropped)
 
@@ -737,11 +783,11 @@ async def drop_open_decisions_and_notify(
 # notify only if something new was stored. One statement is one transaction: all or none.
 _FORWARD = f"""
     WITH run AS (
-        SELECT run_id, thread_id, agent_id FROM runs
+        SELECT run_id, thread_id, agent_id FROM registry.runs
          WHERE {{run_filter}} AND status = 'active'
            FOR SHARE
     ), inserted AS (
-        INSERT INTO decisions (run_id, thread_id, agent_id, decision_id, target_id, action,
+        INSERT INTO registry.decisions (run_id, thread_id, agent_id, decision_id, target_id, action,
                                result, reason, decision_updated_at)
         SELECT run.run_id, run.thread_id, run.agent_id, d.decision_id, d.target_id,
                d.action, d.result::jsonb, d.reason, d.updated_at
@@ -812,7 +858,9 @@ async def forward_by_run_id(
     ``results`` holds each decision's ``result`` already encoded as JSON text.
     """
     arguments = _forward_arguments(decisions, results, key)
-    return _forward_result(await connection.fetchrow(_FORWARD_BY_RUN_ID, *arguments, run_id))
+    return _forward_result(
+        await connection.fetchrow(_in(connection, _FORWARD_BY_RUN_ID), *arguments, run_id)
+    )
 
 
 async def forward_by_thread(
@@ -828,7 +876,9 @@ async def forward_by_thread(
     ``results`` holds each decision's ``result`` already encoded as JSON text.
     """
     arguments = _forward_arguments(decisions, results, key)
-    row = await connection.fetchrow(_FORWARD_BY_THREAD, *arguments, thread_id, agent_id)
+    row = await connection.fetchrow(
+        _in(connection, _FORWARD_BY_THREAD), *arguments, thread_id, agent_id
+    )
     return _forward_result(row)
 
 
@@ -841,12 +891,12 @@ _FORWARD_BATCH = f"""
                WITH ORDINALITY AS request(run_id, thread_id, agent_id, ord)
     ), run AS MATERIALIZED (
         SELECT request.ord, runs.run_id, runs.thread_id, runs.agent_id
-          FROM request JOIN runs ON {{run_match}}
+          FROM request JOIN registry.runs ON {{run_match}}
          WHERE runs.status = 'active'
          ORDER BY runs.run_id
            FOR SHARE OF runs
     ), inserted AS (
-        INSERT INTO decisions (run_id, thread_id, agent_id, decision_id, target_id, action,
+        INSERT INTO registry.decisions (run_id, thread_id, agent_id, decision_id, target_id, action,
                                result, reason, decision_updated_at)
         SELECT run.run_id, run.thread_id, run.agent_id, d.decision_id, d.target_id,
                d.action, d.result::jsonb, d.reason, d.updated_at
@@ -903,7 +953,7 @@ async def forward_batch(
         requests.extend([index] * len(forward.decisions))
     decisions = [decision for forward in forwards for decision in forward.decisions]
     rows = await connection.fetch(
-        _FORWARD_BATCH_BY_THREAD if by_thread else _FORWARD_BATCH_BY_RUN_ID,
+        _in(connection, _FORWARD_BATCH_BY_THREAD if by_thread else _FORWARD_BATCH_BY_RUN_ID),
         [forward.run_id for forward in forwards],
         [forward.thread_id for forward in forwards],
         [forward.agent_id for forward in forwards],
@@ -923,13 +973,13 @@ async def forward_batch(
 # row no longer matches, so nothing is claimed under a lost lease.
 _CLAIM_DECISIONS = """
     WITH owner AS (
-        SELECT 1 FROM runs WHERE run_id = $1 AND owner_epoch = $5 FOR KEY SHARE
+        SELECT 1 FROM registry.runs WHERE run_id = $1 AND owner_epoch = $5 FOR KEY SHARE
     ), relaxed AS (
         -- this statement's commit need not wait for the WAL flush: if a server crash loses
         -- the mark, the decision is simply delivered again, which at-least-once allows
         SELECT set_config('synchronous_commit', 'off', true)
     ), candidates AS (
-        SELECT id, attempts FROM decisions
+        SELECT id, attempts FROM registry.decisions
          WHERE run_id = $1 AND status IN ('pending', 'delivered')
            AND ($5::bigint IS NULL OR EXISTS (SELECT 1 FROM owner))
            -- ids are drawn at insert, not at commit: a forward that commits after a later
@@ -939,13 +989,13 @@ _CLAIM_DECISIONS = """
          LIMIT $3
            FOR UPDATE
     ), dead AS (
-        UPDATE decisions
+        UPDATE registry.decisions
            SET status = 'dropped', dropped_at = now(),
                drop_reason = 'dead-lettered after ' || attempts || ' delivery attempts'
          WHERE id IN (SELECT id FROM candidates WHERE attempts >= $4)
         RETURNING id
     ), claimed AS (
-        UPDATE decisions
+        UPDATE registry.decisions
            SET status = 'delivered', delivered_at = coalesce(delivered_at, now()),
                attempts = attempts + 1
          WHERE id IN (SELECT id FROM candidates WHERE attempts < $4)
@@ -993,7 +1043,9 @@ async def claim_decisions(
     ``epoch``, nothing is claimed unless the run is still held under that owner epoch
     (``Claim.lease_lost`` says so).
     """
-    rows = await connection.fetch(_CLAIM_DECISIONS, run_id, after, limit, max_attempts, epoch)
+    rows = await connection.fetch(
+        _in(connection, _CLAIM_DECISIONS), run_id, after, limit, max_attempts, epoch
+    )
     if rows and not rows[-1]["owned"]:
         return Claim([], after, 0, full=False, lease_lost=True)
     deliveries: list[DecisionDelivery] = []
@@ -1036,15 +1088,15 @@ _ACK_DECISIONS = """
     ), owned AS (
         SELECT request.ord FROM request
          WHERE request.epoch IS NULL
-            OR EXISTS (SELECT 1 FROM runs
+            OR EXISTS (SELECT 1 FROM registry.runs
                         WHERE runs.run_id = request.run_id AND runs.owner_epoch = request.epoch)
     ), locked AS MATERIALIZED (
-        SELECT decisions.id FROM decisions
+        SELECT decisions.id FROM registry.decisions
          WHERE decisions.id = ANY($1::bigint[]) AND decisions.status = 'delivered'
          ORDER BY decisions.id
            FOR NO KEY UPDATE
     ), acked AS (
-        UPDATE decisions SET status = 'acked', acked_at = now()
+        UPDATE registry.decisions SET status = 'acked', acked_at = now()
           FROM request JOIN owned USING (ord) JOIN locked USING (id)
          WHERE decisions.id = request.id AND decisions.run_id = request.run_id
            AND decisions.status = 'delivered'
@@ -1074,7 +1126,7 @@ async def ack_decisions(connection: DriverConnection, acks: Sequence[Ack]) -> li
     written) if, with ``epoch``, the run is held under another owner epoch. A delivery id
     twice in ``acks`` is acknowledged once (the first ``True``, the other ``False``)."""
     rows = await connection.fetch(
-        _ACK_DECISIONS,
+        _in(connection, _ACK_DECISIONS),
         [ack.delivery_id for ack in acks],
         [ack.run_id for ack in acks],
         [ack.epoch for ack in acks],
@@ -1088,7 +1140,7 @@ _INBOXES_BEHIND = """
     SELECT known.run_id
       FROM unnest($1::text[], $2::bigint[]) AS known(run_id, position)
      WHERE EXISTS (
-           SELECT 1 FROM decisions
+           SELECT 1 FROM registry.decisions
             WHERE decisions.run_id = known.run_id AND status IN ('pending', 'delivered')
               -- a pending one may sit below the cursor (ids are drawn at insert)
               AND (status = 'pending' OR id > known.position)
@@ -1102,7 +1154,7 @@ async def inboxes_behind(
     """Of the runs in ``positions`` (run id, the lowest cursor of its open inboxes): those
     with a pending decision, or an unacknowledged one past that cursor."""
     rows = await connection.fetch(
-        _INBOXES_BEHIND,
+        _in(connection, _INBOXES_BEHIND),
         [run_id for run_id, _position in positions],
         [position for _run_id, position in positions],
     )
@@ -1113,7 +1165,7 @@ _DECISIONS_OF_RUN = """
     SELECT id, run_id, thread_id, agent_id, decision_id, target_id, action,
            result::text AS result, reason, decision_updated_at, status, attempts, drop_reason,
            received_at, delivered_at, acked_at, dropped_at
-      FROM decisions WHERE run_id = $1 ORDER BY id
+      FROM registry.decisions WHERE run_id = $1 ORDER BY id
 """
 
 
@@ -1126,13 +1178,13 @@ def _decoded(rows: Sequence[Row]) -> list[dict[str, Any]]:
 
 async def decisions_of_run(connection: DriverConnection, run_id: str) -> list[dict[str, Any]]:
     """Every decision row of a run, oldest first (the audit trail); ``result`` decoded."""
-    return _decoded(await connection.fetch(_DECISIONS_OF_RUN, run_id))
+    return _decoded(await connection.fetch(_in(connection, _DECISIONS_OF_RUN), run_id))
 
 
 # --- streams --------------------------------------------------------------------------------
 
 _BIND_STREAM = """
-    UPDATE runs SET stream_seq = coalesce(stream_seq, 0)
+    UPDATE registry.runs SET stream_seq = coalesce(stream_seq, 0)
      WHERE run_id = $1 AND status = 'active'
     RETURNING stream_seq
 """
@@ -1140,19 +1192,19 @@ _BIND_STREAM = """
 
 async def bind_stream(connection: DriverConnection, run_id: str) -> bool:
     """Open the active run's stream (idempotent); ``False`` if the run is not active."""
-    return await connection.fetchval(_BIND_STREAM, run_id) is not None
+    return await connection.fetchval(_in(connection, _BIND_STREAM), run_id) is not None
 
 
 _APPEND_CHUNKS = f"""
     WITH allocated AS (
         -- the row lock serialises publishers of one run, so seqs commit in order, gapless
-        UPDATE runs SET stream_seq = stream_seq + $2::bigint
+        UPDATE registry.runs SET stream_seq = stream_seq + $2::bigint
          WHERE run_id = $1 AND status = 'active' AND stream_seq IS NOT NULL
            AND ($8::bigint IS NULL OR owner_epoch = $8)
            AND ($11::bigint IS NULL OR stream_seq = $11)
         RETURNING run_id, stream_seq AS last_seq
     ), inserted AS (
-        INSERT INTO stream_chunks (run_id, seq, data)
+        INSERT INTO registry.stream_chunks (run_id, seq, data)
         SELECT allocated.run_id, allocated.last_seq - $2::bigint + chunk.ord, chunk.data
           FROM allocated, unnest($3::bytea[]) WITH ORDINALITY AS chunk(data, ord)
         RETURNING seq
@@ -1190,7 +1242,7 @@ async def append_chunks(
     (:meth:`~registry.notifications.NotificationKey.seal` of a single small chunk) when given.
     """
     last_seq = await connection.fetchval(
-        _APPEND_CHUNKS,
+        _in(connection, _APPEND_CHUNKS),
         run_id,
         len(chunks),
         list(chunks),
@@ -1213,7 +1265,7 @@ _APPEND_CHUNK_BATCH = f"""
                              $13::text[])
                WITH ORDINALITY AS request(run_id, size, epoch, after_seq, payload, inline, ord)
     ), {_LOCK_HELD}, allocated AS (
-        UPDATE runs SET stream_seq = runs.stream_seq + request.size
+        UPDATE registry.runs SET stream_seq = runs.stream_seq + request.size
           FROM request JOIN locked USING (run_id)
          WHERE runs.run_id = request.run_id AND runs.status = 'active'
            AND runs.stream_seq IS NOT NULL
@@ -1222,7 +1274,7 @@ _APPEND_CHUNK_BATCH = f"""
         RETURNING request.ord, runs.run_id, runs.stream_seq AS last_seq, request.size,
                   request.payload, request.inline
     ), inserted AS (
-        INSERT INTO stream_chunks (run_id, seq, data)
+        INSERT INTO registry.stream_chunks (run_id, seq, data)
         SELECT allocated.run_id, allocated.last_seq - allocated.size + chunk.position, chunk.data
           FROM allocated
           JOIN unnest($6::bigint[], $7::bigint[], $8::bytea[]) AS chunk(ord, position, data)
@@ -1283,7 +1335,7 @@ async def append_chunk_batch(
             positions.append(position)
             data.append(chunk)
     rows = await connection.fetch(
-        _APPEND_CHUNK_BATCH,
+        _in(connection, _APPEND_CHUNK_BATCH),
         [append.run_id for append in appends],
         [len(append.chunks) for append in appends],
         [append.epoch for append in appends],
@@ -1304,12 +1356,12 @@ async def append_chunk_batch(
     return last_seqs
 
 
-_OWNER_EPOCH_OF = "SELECT owner_epoch FROM runs WHERE run_id = $1 AND status = 'active'"
+_OWNER_EPOCH_OF = "SELECT owner_epoch FROM registry.runs WHERE run_id = $1 AND status = 'active'"
 
 
 async def owner_epoch_of(connection: DriverConnection, run_id: str) -> int | None:
     """The owner epoch of the active run ``run_id``, ``None`` if it is not active."""
-    epoch: int | None = await connection.fetchval(_OWNER_EPOCH_OF, run_id)
+    epoch: int | None = await connection.fetchval(_in(connection, _OWNER_EPOCH_OF), run_id)
     return epoch
 
 
@@ -1331,7 +1383,8 @@ async def notify_probe(connection: DriverConnection, channel: str, payload: str)
 
 
 _READ_CHUNKS = """
-    SELECT seq, data FROM stream_chunks WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3
+    SELECT seq, data FROM registry.stream_chunks
+     WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3
 """
 
 
@@ -1339,7 +1392,7 @@ async def read_chunks(
     connection: DriverConnection, run_id: str, *, after: int, limit: int
 ) -> list[StreamChunk]:
     """The run's stored chunks with seq > ``after``, in order, at most ``limit``."""
-    rows = await connection.fetch(_READ_CHUNKS, run_id, after, limit)
+    rows = await connection.fetch(_in(connection, _READ_CHUNKS), run_id, after, limit)
     return [StreamChunk(row["seq"], bytes(row["data"])) for row in rows]
 
 
@@ -1348,7 +1401,7 @@ _READ_CHUNK_BATCH = """
     SELECT request.ord, chunk.seq, chunk.data
       FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS request(run_id, after, ord)
      CROSS JOIN LATERAL (
-           SELECT seq, data FROM stream_chunks
+           SELECT seq, data FROM registry.stream_chunks
             WHERE stream_chunks.run_id = request.run_id AND stream_chunks.seq > request.after
             ORDER BY seq LIMIT $3
      ) AS chunk
@@ -1362,7 +1415,7 @@ async def read_chunk_batch(
     """For each (run id, after) in ``positions``: that run's stored chunks with seq > after, in
     order, at most ``limit``; one round trip for all (see :func:`read_chunks`)."""
     rows = await connection.fetch(
-        _READ_CHUNK_BATCH,
+        _in(connection, _READ_CHUNK_BATCH),
         [run_id for run_id, _after in positions],
         [after for _run_id, after in positions],
         limit,
@@ -1377,9 +1430,9 @@ async def read_chunk_batch(
 # ix_runs_prunable); SKIP LOCKED lets several pruners take disjoint batches.
 _PRUNE_STREAMS = """
     WITH expired AS (
-        UPDATE runs SET stream_seq = NULL
+        UPDATE registry.runs SET stream_seq = NULL
          WHERE run_id IN (
-               SELECT run_id FROM runs
+               SELECT run_id FROM registry.runs
                 WHERE stream_seq IS NOT NULL AND ended_at IS NOT NULL
                   AND ended_at < now() - $1::interval AND status <> 'active'
                 ORDER BY ended_at
@@ -1388,7 +1441,7 @@ _PRUNE_STREAMS = """
                )
         RETURNING run_id
     ), deleted AS (
-        DELETE FROM stream_chunks USING expired
+        DELETE FROM registry.stream_chunks USING expired
          WHERE stream_chunks.run_id = expired.run_id
         RETURNING 1
     )
@@ -1410,7 +1463,7 @@ async def prune_streams(connection: DriverConnection, older_than: timedelta, lim
 
     Never touches an active run's stream, and never decisions (the audit trail).
     """
-    row = await connection.fetchrow(_PRUNE_STREAMS, older_than, limit)
+    row = await connection.fetchrow(_in(connection, _PRUNE_STREAMS), older_than, limit)
     assert row is not None  # an aggregate over CTEs returns one row
     return Pruned(int(row["runs"]), int(row["chunks"]))
 
@@ -1418,9 +1471,9 @@ async def prune_streams(connection: DriverConnection, older_than: timedelta, lim
 # --- inspection: read-only statements for operators, the CLI and the demo --------------------
 
 _STATUS_COUNTS = """
-    SELECT 'runs' AS kind, status, count(*) AS total FROM runs GROUP BY status
+    SELECT 'runs' AS kind, status, count(*) AS total FROM registry.runs GROUP BY status
     UNION ALL
-    SELECT 'decisions' AS kind, status, count(*) AS total FROM decisions GROUP BY status
+    SELECT 'decisions' AS kind, status, count(*) AS total FROM registry.decisions GROUP BY status
 """
 
 
@@ -1433,25 +1486,27 @@ async def status_counts(connection: DriverConnection) -> dict[str, dict[str, int
         "runs": {str(status): 0 for status in RunStatus},
         "decisions": {str(status): 0 for status in DecisionStatus},
     }
-    for row in await connection.fetch(_STATUS_COUNTS):
+    for row in await connection.fetch(_in(connection, _STATUS_COUNTS)):
         counts[row["kind"]][row["status"]] = int(row["total"])
     return counts
 
 
-_AUDITED_DECISION_COUNTS = "SELECT status, count(*) AS total FROM decision_audit GROUP BY status"
+_AUDITED_DECISION_COUNTS = (
+    "SELECT status, count(*) AS total FROM registry.decision_audit GROUP BY status"
+)
 
 
 async def audited_decision_counts(connection: DriverConnection) -> dict[str, int]:
     """Decisions per status read through the ``decision_audit`` view (what an auditor may
     read); every status appears, with 0 when no row has it."""
     counts = {str(status): 0 for status in DecisionStatus}
-    for row in await connection.fetch(_AUDITED_DECISION_COUNTS):
+    for row in await connection.fetch(_in(connection, _AUDITED_DECISION_COUNTS)):
         counts[row["status"]] = int(row["total"])
     return counts
 
 
 _LIST_RUNS = f"""
-    SELECT {_RUN_COLUMNS} FROM runs
+    SELECT {_RUN_COLUMNS} FROM registry.runs
      WHERE ($1::text IS NULL OR thread_id = $1::text)
        AND ($2::text IS NULL OR agent_id = $2::text)
        AND ($3::text IS NULL OR status = $3::text)
@@ -1470,7 +1525,11 @@ async def list_runs(
 ) -> list[RunRecord]:
     """Runs in any status matching every filter given, newest first, at most ``limit``."""
     rows = await connection.fetch(
-        _LIST_RUNS, thread_id, agent_id, None if status is None else str(status), limit
+        _in(connection, _LIST_RUNS),
+        thread_id,
+        agent_id,
+        None if status is None else str(status),
+        limit,
     )
     return [_run_record(row) for row in rows]
 
@@ -1481,9 +1540,9 @@ _RUN_DETAILS = """
            coalesce(lease_expires_at > now(), false) AS lease_held, owner_epoch,
            cancel_requested_at, superseded_by, end_reason, created_at, updated_at, ended_at,
            stream_seq,
-           (SELECT count(*) FROM stream_chunks WHERE stream_chunks.run_id = runs.run_id)
+           (SELECT count(*) FROM registry.stream_chunks WHERE stream_chunks.run_id = runs.run_id)
                AS stored_chunks
-      FROM runs WHERE run_id = $1
+      FROM registry.runs WHERE run_id = $1
 """
 
 
@@ -1493,7 +1552,7 @@ async def run_details(connection: DriverConnection, run_id: str) -> dict[str, An
 
     ``stream_seq`` is the newest chunk's seq (``None``: no stream, or pruned).
     """
-    row = await connection.fetchrow(_RUN_DETAILS, run_id)
+    row = await connection.fetchrow(_in(connection, _RUN_DETAILS), run_id)
     return None if row is None else dict(row)
 
 
@@ -1502,7 +1561,7 @@ _AUDIT = """
            result::text AS result, reason, decision_updated_at, status, attempts, drop_reason,
            received_at, delivered_at, acked_at, dropped_at, delivery_latency, ack_latency,
            run_status, run_owner_id, run_created_at, run_ended_at, run_end_reason
-      FROM decision_audit
+      FROM registry.decision_audit
      WHERE ($1::text IS NULL OR run_id = $1::text)
        AND ($2::text IS NULL OR thread_id = $2::text)
        AND ($3::text IS NULL OR agent_id = $3::text)
@@ -1526,7 +1585,9 @@ async def audit_trail(
     With ``limit``, the newest ``limit`` rows. ``result`` is decoded JSON; the latencies are
     ``timedelta`` (``None`` until delivered or acknowledged).
     """
-    rows = await connection.fetch(_AUDIT, run_id, thread_id, agent_id, since, limit)
+    rows = await connection.fetch(
+        _in(connection, _AUDIT), run_id, thread_id, agent_id, since, limit
+    )
     return _decoded(list(reversed(rows)))
 
 
@@ -1537,18 +1598,18 @@ async def audit_trail(
 _STRANDED_STATE = """
     SELECT 'expired_leases' AS name, count(*) AS total,
            (array_agg(run_id ORDER BY COALESCE(lease_expires_at, updated_at)))[1:$5] AS examples
-      FROM runs
+      FROM registry.runs
      WHERE status = 'active' AND COALESCE(lease_expires_at, updated_at) < now() - $1::interval
     UNION ALL
     SELECT 'stale_cancels', count(*), (array_agg(run_id ORDER BY cancel_requested_at))[1:$5]
-      FROM runs WHERE status = 'active' AND cancel_requested_at < now() - $2::interval
+      FROM registry.runs WHERE status = 'active' AND cancel_requested_at < now() - $2::interval
     UNION ALL
     SELECT 'unacknowledged_decisions', count(*),
            (array_agg(run_id || '/' || target_id ORDER BY delivered_at))[1:$5]
-      FROM decisions WHERE status = 'delivered' AND delivered_at < now() - $3::interval
+      FROM registry.decisions WHERE status = 'delivered' AND delivered_at < now() - $3::interval
     UNION ALL
     SELECT 'unpruned_streams', count(*), (array_agg(run_id ORDER BY ended_at))[1:$5]
-      FROM runs
+      FROM registry.runs
      WHERE status <> 'active' AND stream_seq IS NOT NULL AND ended_at < now() - $4::interval
 """
 
@@ -1568,7 +1629,7 @@ async def stranded_state(
     ``unacknowledged_decisions`` (delivered more than ``ack_grace`` ago, never acknowledged),
     ``unpruned_streams`` (runs that ended more than ``retention`` ago, stream still held)."""
     rows = await connection.fetch(
-        _STRANDED_STATE, lease_grace, cancel_grace, ack_grace, retention, examples
+        _in(connection, _STRANDED_STATE), lease_grace, cancel_grace, ack_grace, retention, examples
     )
     return {row["name"]: (int(row["total"]), list(row["examples"] or [])) for row in rows}
 
@@ -1581,27 +1642,27 @@ async def health_probe(connection: DriverConnection) -> None:
     await connection.fetchval(_HEALTH_PROBE)
 
 
-_NOTIFICATION_SECRET = "SELECT secret FROM notification_secrets WHERE id = 1"
+_NOTIFICATION_SECRET = "SELECT secret FROM registry.notification_secrets WHERE id = 1"
 
 
 async def notification_secret(connection: DriverConnection) -> bytes:
     """The database's notification secret (readable by registry roles only)."""
-    secret: bytes | None = await connection.fetchval(_NOTIFICATION_SECRET)
+    secret: bytes | None = await connection.fetchval(_in(connection, _NOTIFICATION_SECRET))
     if secret is None:  # pragma: no cover - migration 0005 writes the row
         raise RuntimeError("notification_secrets has no row; run the migrations")
     return bytes(secret)
 
 
-_HAS_VERSION_TABLE = "SELECT to_regclass('alembic_version') IS NOT NULL"
-_SCHEMA_REVISION = "SELECT version_num FROM alembic_version"
+_HAS_VERSION_TABLE = "SELECT to_regclass('registry.alembic_version') IS NOT NULL"
+_SCHEMA_REVISION = "SELECT version_num FROM registry.alembic_version"
 
 
 async def schema_revision(connection: DriverConnection) -> str | None:
-    """The Alembic revision the database is at (``alembic_version`` on the search path), or
-    ``None`` before the first migration."""
-    if not await connection.fetchval(_HAS_VERSION_TABLE):
+    """The Alembic revision of the registry's schema (its own ``alembic_version``, never
+    another one on the search path), or ``None`` before the first migration."""
+    if not await connection.fetchval(_in(connection, _HAS_VERSION_TABLE)):
         return None
-    revision: str | None = await connection.fetchval(_SCHEMA_REVISION)
+    revision: str | None = await connection.fetchval(_in(connection, _SCHEMA_REVISION))
     return revision
 
 
@@ -1655,23 +1716,30 @@ _RUN_UPDATES = (
 _DECISION_UPDATES = "status, attempts, drop_reason, delivered_at, acked_at, dropped_at"
 
 
-def application_grants(role: str, database: str) -> list[str]:
+_GRANTED_TABLES = ("runs", "decisions", "stream_chunks")
+
+
+def application_grants(role: str, database: str, schema: str = DEFAULT_SCHEMA) -> list[str]:
     """The statements that give ``role`` what the registry needs at run time, and no DDL.
 
-    Reads and inserts on the three tables, updates of the columns the registry changes (never
-    a decision's received content), deletes on ``stream_chunks`` (pruning), read access
-    to ``alembic_version`` (the schema check) and to ``notification_secrets`` (the key that
-    signs notifications). Migrations run as a different, owning role.
+    Usage of ``schema`` (the one that holds the registry's objects), reads and inserts on the
+    three tables, updates of the columns the registry changes (never a decision's received
+    content), deletes on ``stream_chunks`` (pruning), read access to ``alembic_version`` (the
+    schema check) and to ``notification_secrets`` (the key that signs notifications).
+    Migrations run as a different, owning role. Raises :class:`InvalidInputError` for a name
+    that is not a plain identifier.
     """
     quoted_role, quoted_database = _database_identifier(role), _database_identifier(database)
+    quoted_schema = '"' + checked_schema(schema) + '"'
+    runs, decisions, chunks = (f"{quoted_schema}.{table}" for table in _GRANTED_TABLES)
     return [
         f"GRANT CONNECT ON DATABASE {quoted_database} TO {quoted_role}",
-        f"GRANT USAGE ON SCHEMA public TO {quoted_role}",
-        f"GRANT SELECT, INSERT ON runs, decisions, stream_chunks TO {quoted_role}",
+        f"GRANT USAGE ON SCHEMA {quoted_schema} TO {quoted_role}",
+        f"GRANT SELECT, INSERT ON {runs}, {decisions}, {chunks} TO {quoted_role}",
         # only the columns the registry changes: the audit trail cannot be rewritten
-        f"GRANT UPDATE ({_RUN_UPDATES}) ON runs TO {quoted_role}",
-        f"GRANT UPDATE ({_DECISION_UPDATES}) ON decisions TO {quoted_role}",
-        f"GRANT DELETE ON stream_chunks TO {quoted_role}",
-        f"GRANT SELECT ON alembic_version TO {quoted_role}",
-        f"GRANT SELECT ON notification_secrets TO {quoted_role}",
+        f"GRANT UPDATE ({_RUN_UPDATES}) ON {runs} TO {quoted_role}",
+        f"GRANT UPDATE ({_DECISION_UPDATES}) ON {decisions} TO {quoted_role}",
+        f"GRANT DELETE ON {chunks} TO {quoted_role}",
+        f"GRANT SELECT ON {quoted_schema}.alembic_version TO {quoted_role}",
+        f"GRANT SELECT ON {quoted_schema}.notification_secrets TO {quoted_role}",
     ]

@@ -14,18 +14,19 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy.engine import URL, Connection
 
 from registry import repository
 from registry.database import (
     admin_connection,
+    asyncpg_dsn,
     create_engine,
-    driver_connection,
     translate_errors,
 )
 from registry.errors import SchemaNotReadyError
+from registry.urls import schema_of
 
 
 def migrations_directory() -> Path:
@@ -61,53 +62,60 @@ def _downgrade(connection: Connection, config: Config, revision: str) -> None:
     command.downgrade(config, revision)
 
 
-async def migrate(url: str | URL, revision: str = "head") -> None:
-    """Upgrade the database at ``url`` to ``revision`` (default: the newest).
+async def migrate(url: str | URL, revision: str = "head", *, schema: str | None = None) -> None:
+    """Upgrade the registry's schema in the database at ``url`` to ``revision`` (default: the
+    newest), in one transaction.
 
-    Safe to call from several processes at once: a transaction-level advisory lock serialises
-    them, and a database already at ``revision`` is left alone. Raises
+    Every object, the Alembic version table included, lives in ``schema`` (default: the URL's
+    ``schema`` parameter, else ``REGISTRY_SCHEMA``, else ``registry``), created if missing; an
+    application's own tables and Alembic history elsewhere are left alone. An install of an
+    earlier version with its tables in ``public`` (our revision in ``public.alembic_version``)
+    is moved into the schema, rows and all. Safe to call from several processes at once: a
+    transaction-level advisory lock serialises them, and a database already at ``revision`` is
+    left alone. Raises :class:`~registry.errors.InvalidInputError` for a bad URL or schema name
+    (nothing created), :class:`~registry.errors.SchemaNotReadyError` when the schema's version
+    table holds a revision this registry does not know, and
     :class:`~registry.errors.DatabaseUnavailableError` if the server cannot be reached.
     """
-    await _run_alembic(url, _upgrade, revision)
+    await _run_alembic(url, _upgrade, revision, schema)
 
 
-async def downgrade(url: str | URL, revision: str) -> None:
-    """Downgrade the database at ``url`` to ``revision`` (``"base"`` drops everything)."""
-    await _run_alembic(url, _downgrade, revision)
+async def downgrade(url: str | URL, revision: str, *, schema: str | None = None) -> None:
+    """Downgrade the registry's schema at ``url`` to ``revision`` (``"base"`` drops every
+    table but the version table); ``schema`` as for :func:`migrate`."""
+    await _run_alembic(url, _downgrade, revision, schema)
 
 
-async def _run_alembic(url: str | URL, step: Any, revision: str) -> None:
-    engine = create_engine(url)
+async def _run_alembic(url: str | URL, step: Any, revision: str, schema: str | None) -> None:
+    dsn = asyncpg_dsn(url, schema=schema)
+    engine = create_engine(dsn)
     config = alembic_config()
+    config.attributes["schema"] = schema_of(dsn)
     try:
         with translate_errors():
             async with engine.connect() as connection:
-                await repository.lock_migrations(await driver_connection(connection))
-                await connection.run_sync(step, config, revision)
+                try:
+                    await connection.run_sync(step, config, revision)
+                except CommandError as exc:  # a revision that is not ours, in our version table
+                    raise SchemaNotReadyError(
+                        f"cannot migrate schema {config.attributes['schema']!r}: {exc}"
+                    ) from None
                 await connection.commit()
     finally:
         await engine.dispose()
 
 
-def _current(connection: Connection) -> str | None:
-    return MigrationContext.configure(connection).get_current_revision()
+async def current_revision(url: str | URL, *, schema: str | None = None) -> str | None:
+    """The revision of the registry's schema (its own version table only; ``schema`` as for
+    :func:`migrate`), or ``None`` before the first migration."""
+    async with admin_connection(asyncpg_dsn(url, schema=schema)) as connection:
+        return await repository.schema_revision(connection)
 
 
-async def current_revision(url: str | URL) -> str | None:
-    """The schema revision the database is at, or ``None`` before the first migration."""
-    engine = create_engine(url)
-    try:
-        with translate_errors():
-            async with engine.connect() as connection:
-                return await connection.run_sync(_current)
-    finally:
-        await engine.dispose()
-
-
-async def check_schema(url: str | URL) -> None:
+async def check_schema(url: str | URL, *, schema: str | None = None) -> None:
     """Raise :class:`~registry.errors.SchemaNotReadyError` unless the database is at head
     (and :class:`~registry.errors.DatabaseUnavailableError` if it cannot be reached)."""
-    check_revision(await current_revision(url))
+    check_revision(await current_revision(url, schema=schema))
 
 
 def check_revision(revision: str | None) -> None:
@@ -135,12 +143,13 @@ class SchemaStatus:
         return self.revision == self.head
 
 
-async def schema_status(url: str | URL) -> SchemaStatus:
-    """The revision, head and server version of the database at ``url``.
+async def schema_status(url: str | URL, *, schema: str | None = None) -> SchemaStatus:
+    """The revision (of the registry's own version table), head and server version of the
+    database at ``url``.
 
     Raises :class:`~registry.errors.DatabaseUnavailableError` if it cannot be reached.
     """
-    revision = await current_revision(url)
-    async with admin_connection(url) as connection:
+    async with admin_connection(asyncpg_dsn(url, schema=schema)) as connection:
+        revision = await repository.schema_revision(connection)
         version = await repository.server_version(connection)
     return SchemaStatus(revision, head_revision(), version)

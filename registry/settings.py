@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 from typing import Self
 
 from registry.errors import InvalidInputError
+from registry.models import checked_schema
 from registry.notifications import MAX_INLINE_BYTES
 
 
@@ -39,6 +40,9 @@ class RegistrySettings:
     ``statement_cache_size``: asyncpg's prepared statement cache per query connection; set 0
     behind pgbouncer in ``pool_mode=transaction`` (unless it is 1.21+ with
     ``max_prepared_statements`` set), so every statement is an unnamed one.
+    ``schema``: the PostgreSQL schema that holds the registry's tables (a plain lower-case
+    identifier); ``None`` takes the URL's ``schema`` parameter, else ``REGISTRY_SCHEMA``, else
+    ``registry``. A URL that names another schema raises :class:`InvalidInputError`.
     """
 
     safety_interval: float = 1.0
@@ -58,6 +62,7 @@ class RegistrySettings:
     call_timeout: float = 5.0
     close_timeout: float = 5.0
     statement_cache_size: int = 100
+    schema: str | None = None
 
     def __new__(cls, *args: object, **kwargs: object) -> Self:
         # before the generated __init__, which refuses a misspelt setting with a bare TypeError
@@ -69,6 +74,8 @@ class RegistrySettings:
 
     def __post_init__(self) -> None:
         for setting in fields(self):
+            if setting.type not in ("int", "float"):
+                continue  # checked on their own below (the schema)
             value = getattr(self, setting.name)
             kinds = (int,) if setting.type == "int" else (int, float)
             if isinstance(value, bool) or not isinstance(value, kinds):
@@ -100,6 +107,8 @@ class RegistrySettings:
                 raise InvalidInputError(name, "must be at least 1")
         if not self.statement_cache_size >= 0:
             raise InvalidInputError("statement_cache_size", "must not be negative")
+        if self.schema is not None:
+            checked_schema(self.schema)
         if self.heartbeat_interval >= self.lease_seconds:
             raise InvalidInputError("heartbeat_interval", "must be shorter than lease_seconds")
         if not 0 <= self.inline_chunk_bytes <= MAX_INLINE_BYTES:

@@ -10,6 +10,7 @@ now", ``?connect_timeout=5`` as an unknown setting), and SQLAlchemy would pass e
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import urllib.parse
@@ -20,9 +21,12 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from registry.errors import InvalidInputError
+from registry.models import DEFAULT_SCHEMA as DEFAULT_SCHEMA
+from registry.models import checked_schema as checked_schema
 
 #: ``application_name`` of the query connections, unless the URL names the application itself.
 APPLICATION_NAME = "registry"
+
 
 _DRIVERS = {"postgres", "postgresql", "postgresql+asyncpg", "asyncpg"}
 
@@ -137,6 +141,8 @@ class _Target:
     timeout: float | None
     #: run-time parameters that ``options`` sets
     settings: tuple[tuple[str, str], ...]
+    #: the registry's schema, when the URL names one (``?schema=``)
+    schema: str | None = None
 
     def dsn(self, *, translated: bool) -> str:
         """This target as a DSN, with the translated parameters or without them (the DSN
@@ -154,6 +160,8 @@ class _Target:
         query.extend(self.passed)
         if translated:
             query.extend(self.translated)
+            if self.schema is not None:
+                query.append(("schema", self.schema))
         authority = ""
         if self.user or self.password:
             authority = urllib.parse.quote(self.user or "", safe="")
@@ -345,6 +353,7 @@ def _target(url: str | URL) -> _Target:
     port_entries: list[str] | None = None
     passed: dict[str, str] = {}
     translated: dict[str, str] = {}
+    schema: str | None = None
     for key, value in pairs:
         name = "sslmode" if key == "ssl" else key  # SQLAlchemy's and asyncpg's spelling
         if name == "host":  # repeated, as SQLAlchemy writes several hosts
@@ -357,6 +366,8 @@ def _target(url: str | URL) -> _Target:
             user = value
         elif name == "password":
             password = value
+        elif name == "schema":  # the registry's own parameter, never sent to the server
+            schema = checked_schema(value)
         elif name in _DRIVER_PARAMETERS or name in _TRANSLATED:
             choices = _CHOICES.get(name)
             if choices is not None and value not in choices:
@@ -413,6 +424,7 @@ def _target(url: str | URL) -> _Target:
         translated=tuple(translated.items()),
         timeout=timeout,
         settings=tuple(settings),
+        schema=schema,
     )
 
 
@@ -435,6 +447,8 @@ def async_url(url: str | URL) -> URL:
             if len(target.hosts) < 2:
                 raise InvalidInputError("url", f"not a database URL: {exc}") from exc
             query: dict[str, str | tuple[str, ...]] = dict(target.passed + target.translated)
+            if target.schema is not None:
+                query["schema"] = target.schema
             query["host"] = tuple(
                 _bracketed(host) + ("" if port is None else f":{port}")
                 for host, port in target.hosts
@@ -453,7 +467,18 @@ def async_url(url: str | URL) -> URL:
     return parsed.set(drivername="postgresql+asyncpg")
 
 
-def asyncpg_dsn(url: str | URL) -> str:
+def schema_of(url: str | URL) -> str:
+    """The schema that holds the registry's objects for ``url``: the URL's ``schema``
+    parameter, else ``REGISTRY_SCHEMA``, else :data:`DEFAULT_SCHEMA`. Raises
+    :class:`InvalidInputError` for a malformed URL or a schema name that is not a plain
+    identifier."""
+    schema = _target(url).schema
+    if schema is not None:
+        return schema
+    return checked_schema(os.environ.get("REGISTRY_SCHEMA") or DEFAULT_SCHEMA)
+
+
+def asyncpg_dsn(url: str | URL, *, schema: str | None = None) -> str:
     """Return ``url`` as the registry's DSN: checked, with every libpq parameter it sets.
 
     Raises :class:`InvalidInputError` naming what is wrong: a parameter that is not a libpq
@@ -461,9 +486,18 @@ def asyncpg_dsn(url: str | URL) -> str:
     or a bad value (an unknown ``sslmode``, a ``connect_timeout`` or port that is not a
     number). :func:`connect` opens it (``asyncpg.connect`` alone reads a DSN without
     ``connect_timeout``, ``application_name`` or ``options``); :func:`connect_arguments`
-    turns it into asyncpg's arguments.
+    turns it into asyncpg's arguments. ``schema`` (:attr:`RegistrySettings.schema`) goes in
+    as the ``schema`` parameter; a URL that names another raises :class:`InvalidInputError`.
     """
-    return _target(url).dsn(translated=True)
+    target = _target(url)
+    if schema is not None:
+        schema = checked_schema(schema)
+        if target.schema not in (None, schema):
+            raise InvalidInputError(
+                "schema", f"the setting says {schema!r}, the URL's parameter {target.schema!r}"
+            )
+        target = dataclasses.replace(target, schema=schema)
+    return target.dsn(translated=True)
 
 
 def connect_arguments(

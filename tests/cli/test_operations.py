@@ -117,10 +117,13 @@ async def test_alembic_ini_runs_the_packaged_migrations(
 
 #: what ages each stranded state past the doctor's default thresholds
 AGED = [
-    "UPDATE runs SET lease_expires_at = now() - interval '1 hour' WHERE run_id = 'run-lease'",
-    "UPDATE runs SET cancel_requested_at = now() - interval '1 hour' WHERE run_id = 'run-cancel'",
-    "UPDATE decisions SET delivered_at = now() - interval '1 day' WHERE run_id = 'run-unacked'",
-    "UPDATE runs SET ended_at = now() - interval '30 days' WHERE run_id = 'run-stream'",
+    "UPDATE registry.runs SET lease_expires_at = now() - interval '1 hour'"
+    " WHERE run_id = 'run-lease'",
+    "UPDATE registry.runs SET cancel_requested_at = now() - interval '1 hour'"
+    " WHERE run_id = 'run-cancel'",
+    "UPDATE registry.decisions SET delivered_at = now() - interval '1 day'"
+    " WHERE run_id = 'run-unacked'",
+    "UPDATE registry.runs SET ended_at = now() - interval '30 days' WHERE run_id = 'run-stream'",
 ]
 
 

@@ -120,7 +120,7 @@ async def test_restart_while_forwarding_loses_and_duplicates_nothing(
         await forwarder
         assert failed, "the restart was visible to the caller as errors"
 
-        rows = await _rows(url, "SELECT decision_id FROM decisions ORDER BY id")
+        rows = await _rows(url, "SELECT decision_id FROM registry.decisions ORDER BY id")
         in_table = [row["decision_id"] for row in rows]
         assert len(in_table) == len(set(in_table)), "no decision stored twice"
         assert set(stored) <= set(in_table), "every forward that returned is stored"

@@ -68,7 +68,9 @@ def loop_errors_observed(caplog: pytest.LogCaptureFixture) -> Iterator[list[str]
 
 async def _active_runs_of(url: str, thread_id: str) -> list[str]:
     rows = await fetch(
-        url, "SELECT run_id FROM runs WHERE thread_id = $1 AND status = 'active'", thread_id
+        url,
+        "SELECT run_id FROM registry.runs WHERE thread_id = $1 AND status = 'active'",
+        thread_id,
     )
     return [row["run_id"] for row in rows]
 
@@ -196,7 +198,7 @@ async def test_cancelled_remove_tasks_end_cancelled_never_as_registry_errors(
     assert not others, _describe(outcomes, others)
     assert not loop_errors, _describe_loop_errors(outcomes, loop_errors)
     # each run was removed whole or not at all, and a remove now finishes what is left
-    rows = await fetch(registry_database_url, "SELECT run_id, status FROM runs")
+    rows = await fetch(registry_database_url, "SELECT run_id, status FROM registry.runs")
     assert {row["status"] for row in rows} <= {RunStatus.ACTIVE, RunStatus.COMPLETED}
     for row in rows:
         assert await run_registry.remove_by_run_id(row["run_id"]) is (

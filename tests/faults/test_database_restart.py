@@ -87,7 +87,9 @@ async def test_everything_survives_a_database_restart(own_server: EmbeddedPostgr
         assert await inbox.ack(after)
         connection = await asyncpg.connect(asyncpg_dsn(url))
         try:
-            rows = await connection.fetch("SELECT decision_id, status FROM decisions ORDER BY id")
+            rows = await connection.fetch(
+                "SELECT decision_id, status FROM registry.decisions ORDER BY id"
+            )
         finally:
             await connection.close()
         assert [(row["decision_id"], row["status"]) for row in rows] == [

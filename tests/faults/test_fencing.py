@@ -273,5 +273,5 @@ async def test_a_stopped_owner_gets_and_acks_nothing_after_the_adoption_and_lear
         ("held", "acked", 2),
         *[(d, "acked", 1) for d in after],
     ], "each decision acknowledged once, and nothing after the adoption claimed by the owner"
-    [run] = await fetch(url, "SELECT owner_id, owner_epoch, status FROM runs")
+    [run] = await fetch(url, "SELECT owner_id, owner_epoch, status FROM registry.runs")
     assert (run["owner_id"], run["owner_epoch"], run["status"]) == ("heir", 2, "active")

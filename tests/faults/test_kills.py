@@ -277,7 +277,7 @@ async def batch_sizes(url: str) -> dict[str, int]:
     rows = await fetch(
         url,
         "SELECT regexp_replace(decision_id, '-[0-9]+$', '') AS batch, count(*) AS n"
-        " FROM decisions WHERE run_id = 'run-1' GROUP BY 1",
+        " FROM registry.decisions WHERE run_id = 'run-1' GROUP BY 1",
     )
     return {row["batch"]: int(row["n"]) for row in rows}
 
@@ -413,7 +413,9 @@ async def test_runs_of_a_killed_owner_are_each_adopted_once_within_two_leases_of
                 assert (verb, run_ids) == ("stopped", [str(len(got[name]))]), line
 
         # the adopters still hold their runs (none has exited): the table says who
-        rows = await fetch(url, "SELECT run_id, owner_id, status FROM runs ORDER BY run_id")
+        rows = await fetch(
+            url, "SELECT run_id, owner_id, status FROM registry.runs ORDER BY run_id"
+        )
 
     print(
         f"\nadoption: first run {first_at - killed_at:.3f}s, all {RUNS} runs "

@@ -66,7 +66,7 @@ async def test_a_register_whose_reply_is_lost_returns_the_run_it_created(
     handle = await registry.register("run-1", "agent", "thread-1")
     assert handle.run_id == "run-1"
     assert proxy.accepted > accepted  # the reply was lost, and the retry connected anew
-    rows = await fetch(registry_database_url, "SELECT run_id, status FROM runs")
+    rows = await fetch(registry_database_url, "SELECT run_id, status FROM registry.runs")
     assert [(row["run_id"], row["status"]) for row in rows] == [("run-1", "active")]
 
 
@@ -81,7 +81,7 @@ async def test_a_cancel_whose_reply_is_lost_reports_the_active_run(
     assert await registry.cancel_active_run_by_id("run-1")
     assert proxy.accepted > accepted  # the reply was lost, and the retry connected anew
     [row] = await fetch(
-        registry_database_url, "SELECT cancel_requested_at IS NOT NULL AS c FROM runs"
+        registry_database_url, "SELECT cancel_requested_at IS NOT NULL AS c FROM registry.runs"
     )
     assert row["c"]
 
@@ -97,7 +97,7 @@ async def test_a_remove_whose_reply_is_lost_raises_outcome_unknown_and_a_retry_r
         await registry.remove_by_run_id("run-1")
     # it did commit; the retry finds the run ended
     assert not await registry.remove_by_run_id("run-1")
-    [row] = await fetch(registry_database_url, "SELECT status FROM runs")
+    [row] = await fetch(registry_database_url, "SELECT status FROM registry.runs")
     assert row["status"] == "completed"
 
 

@@ -54,8 +54,10 @@ async def rows_locked(url: str, run_id: str) -> AsyncIterator[None]:
     try:
         transaction = connection.transaction()
         await transaction.start()
-        await connection.execute("SELECT 1 FROM runs WHERE run_id = $1 FOR UPDATE", run_id)
-        await connection.execute("SELECT 1 FROM decisions WHERE run_id = $1 FOR UPDATE", run_id)
+        await connection.execute("SELECT 1 FROM registry.runs WHERE run_id = $1 FOR UPDATE", run_id)
+        await connection.execute(
+            "SELECT 1 FROM registry.decisions WHERE run_id = $1 FOR UPDATE", run_id
+        )
         try:
             yield
         finally:
@@ -238,8 +240,8 @@ async def test_calls_of_a_role_without_table_grants_raise_permanent_database_err
     # enough for the schema check, nothing on the registry's tables
     grants = [
         "GRANT CONNECT ON DATABASE {database} TO {role}",
-        "GRANT USAGE ON SCHEMA public TO {role}",
-        "GRANT SELECT ON alembic_version TO {role}",
+        "GRANT USAGE ON SCHEMA registry TO {role}",
+        "GRANT SELECT ON registry.alembic_version TO {role}",
     ]
     async with role(registry_database_url, grants=grants) as url:
         registry = await RunRegistry.connect(url, listen=False)

@@ -22,7 +22,7 @@ async def runs_of_thread(url: str, thread_id: str) -> list[dict[str, Any]]:
     """Every run row of ``thread_id``, oldest first."""
     return await fetch(
         url,
-        "SELECT run_id, status, superseded_by, end_reason, owner_id, created_at FROM runs"
+        "SELECT run_id, status, superseded_by, end_reason, owner_id, created_at FROM registry.runs"
         " WHERE thread_id = $1 ORDER BY created_at, run_id",
         thread_id,
     )
@@ -32,7 +32,7 @@ async def decisions_of_run(url: str, run_id: str) -> list[dict[str, Any]]:
     """Every decision row of ``run_id`` in forward (id) order."""
     return await fetch(
         url,
-        "SELECT id, decision_id, target_id, status, attempts, drop_reason FROM decisions"
+        "SELECT id, decision_id, target_id, status, attempts, drop_reason FROM registry.decisions"
         " WHERE run_id = $1 ORDER BY id",
         run_id,
     )

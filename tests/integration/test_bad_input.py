@@ -27,8 +27,8 @@ GOOD = ToolCallDecision.resume("call-1", {"ok": True}, 1)
 async def _counts(url: str) -> tuple[int, int]:
     connection = await asyncpg.connect(asyncpg_dsn(url))
     try:
-        runs = await connection.fetchval("SELECT count(*) FROM runs")
-        decisions = await connection.fetchval("SELECT count(*) FROM decisions")
+        runs = await connection.fetchval("SELECT count(*) FROM registry.runs")
+        decisions = await connection.fetchval("SELECT count(*) FROM registry.decisions")
     finally:
         await connection.close()
     return runs, decisions

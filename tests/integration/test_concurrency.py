@@ -303,7 +303,7 @@ async def test_a_forward_that_commits_after_a_later_one_still_reaches_the_open_i
                 PERFORM pg_advisory_xact_lock_shared({lock_key});
                 RETURN NULL;
             END $$;
-            CREATE TRIGGER hold_slow_forward AFTER INSERT ON decisions FOR EACH ROW
+            CREATE TRIGGER hold_slow_forward AFTER INSERT ON registry.decisions FOR EACH ROW
                 WHEN (NEW.target_id = 'call-slow') EXECUTE FUNCTION hold_slow_forward();
             """
         )
@@ -426,7 +426,8 @@ async def test_forwards_racing_a_supersede_end_acked_or_dropped_never_pending(
 
     leftover = await fetch(
         registry_database_url,
-        "SELECT d.run_id, d.decision_id, d.status FROM decisions d JOIN runs r USING (run_id)"
+        "SELECT d.run_id, d.decision_id, d.status FROM registry.decisions d"
+        " JOIN registry.runs r USING (run_id)"
         " WHERE r.status <> 'active' AND d.status IN ('pending', 'delivered')",
     )
     assert leftover == []

@@ -43,7 +43,7 @@ async def outsider(registry_database_url: str) -> AsyncIterator[asyncpg.Connecti
     connection = await asyncpg.connect(asyncpg_dsn(url))
     try:
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await connection.fetch("SELECT * FROM runs")  # it really has no grant
+            await connection.fetch("SELECT * FROM registry.runs")  # it really has no grant
         yield connection
     finally:
         await connection.close()

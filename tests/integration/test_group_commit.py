@@ -160,7 +160,8 @@ async def test_each_append_in_a_batch_is_checked_and_refused_on_its_own(
         assert await other.remove_by_run_id(ended.run_id)
         async with plain_sql(registry_database_url) as sql:
             await sql.execute(
-                "UPDATE runs SET owner_epoch = owner_epoch + 1 WHERE run_id = $1", fenced.run_id
+                "UPDATE registry.runs SET owner_epoch = owner_epoch + 1 WHERE run_id = $1",
+                fenced.run_id,
             )
         # the first goes alone (nothing in flight); the rest wait for it and go together
         results = await asyncio.gather(
@@ -180,7 +181,9 @@ async def test_each_append_in_a_batch_is_checked_and_refused_on_its_own(
         assert results[5] == 1
         assert [ok_1.run_id, ok_2.run_id] in batched(seen), "refused appends are not announced"
         async with plain_sql(registry_database_url) as sql:
-            stored = await sql.fetch("SELECT run_id, seq, data FROM stream_chunks ORDER BY 1, 2")
+            stored = await sql.fetch(
+                "SELECT run_id, seq, data FROM registry.stream_chunks ORDER BY 1, 2"
+            )
         assert {(row["run_id"], row["seq"], row["data"]) for row in stored} == {
             (lead.run_id, 1, b"x"),
             (lead.run_id, 2, b"lead"),
@@ -203,7 +206,7 @@ async def test_a_statement_the_server_refuses_fails_only_the_append_that_caused_
                 END IF;
                 RETURN NEW;
             END $$;
-            CREATE TRIGGER refuse_poison BEFORE INSERT ON stream_chunks
+            CREATE TRIGGER refuse_poison BEFORE INSERT ON registry.stream_chunks
                FOR EACH ROW EXECUTE FUNCTION refuse_poison();
             """
         )
@@ -256,7 +259,7 @@ async def test_closing_sends_every_accepted_publish(
     await registry.close()
     assert [await publish for publish in publishes] == [1] * 30
     async with plain_sql(registry_database_url) as sql:
-        assert await sql.fetchval("SELECT count(*) FROM stream_chunks") == 30
+        assert await sql.fetchval("SELECT count(*) FROM registry.stream_chunks") == 30
 
 
 async def test_one_round_trip_reads_many_runs_each_from_its_own_position(
@@ -336,7 +339,8 @@ async def test_acks_of_many_inboxes_share_a_statement_and_keep_their_answers(
         fenced = handles[-1]
         async with plain_sql(registry_database_url) as sql:
             await sql.execute(
-                "UPDATE runs SET owner_epoch = owner_epoch + 1 WHERE run_id = $1", fenced.run_id
+                "UPDATE registry.runs SET owner_epoch = owner_epoch + 1 WHERE run_id = $1",
+                fenced.run_id,
             )
         results = await asyncio.gather(
             *(inbox.ack(delivery) for inbox, delivery in zip(inboxes, deliveries, strict=True)),
@@ -348,7 +352,9 @@ async def test_acks_of_many_inboxes_share_a_statement_and_keep_their_answers(
         assert results[6] is False, "acknowledged once, by the first"
         assert max(batches) > 1
         async with plain_sql(registry_database_url) as sql:
-            statuses = await sql.fetch("SELECT run_id, status FROM decisions ORDER BY run_id")
+            statuses = await sql.fetch(
+                "SELECT run_id, status FROM registry.decisions ORDER BY run_id"
+            )
         assert [row["status"] for row in statuses] == ["acked"] * 5 + ["delivered"]
 
 
@@ -414,7 +420,7 @@ async def test_forwards_to_many_runs_share_a_statement_and_keep_their_answers(
             ours = [target for target in got if target.startswith(handle.run_id)]
             assert ours == [target for target in expected if target.startswith(handle.run_id)]
         async with plain_sql(registry_database_url) as sql:
-            assert await sql.fetchval("SELECT count(*) FROM decisions") == 9
+            assert await sql.fetchval("SELECT count(*) FROM registry.decisions") == 9
 
 
 async def test_a_retried_forward_in_a_batch_stores_its_decisions_once(

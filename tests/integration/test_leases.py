@@ -53,7 +53,7 @@ async def run_row(url: str, run_id: str) -> dict[str, Any]:
     [row] = await fetch(
         url,
         "SELECT status, owner_id, owner_epoch, lease_expires_at,"
-        " lease_expires_at > now() AS fresh FROM runs WHERE run_id = $1",
+        " lease_expires_at > now() AS fresh FROM registry.runs WHERE run_id = $1",
         run_id,
     )
     return row
@@ -63,7 +63,7 @@ async def expire_lease(url: str, run_id: str) -> None:
     """What an owner that stalled past its lease leaves behind (its heartbeat not yet due)."""
     await fetch(
         url,
-        "UPDATE runs SET lease_expires_at = now() - interval '1 second' WHERE run_id = $1",
+        "UPDATE registry.runs SET lease_expires_at = now() - interval '1 second' WHERE run_id = $1",
         run_id,
     )
 
@@ -188,7 +188,7 @@ async def test_a_new_registry_of_the_worker_id_resumes_only_the_live_registrys_r
 
                 row = await run_row(url, "run-b")
                 assert (row["status"], row["owner_id"], row["owner_epoch"]) == ("active", "W", 2)
-                assert await fetch(url, "SELECT seq FROM stream_chunks") == []
+                assert await fetch(url, "SELECT seq FROM registry.stream_chunks") == []
                 # the new holder works on the run, and C keeps A2's run
                 assert await a3_handle.publish(b"from the new holder") == 1
                 async with a3_handle.decisions() as a3_inbox:
@@ -244,7 +244,7 @@ async def test_a_stale_epochs_statement_is_refused_by_the_database_before_the_he
                 statuses = {row["decision_id"]: (row["status"], row["attempts"]) for row in rows}
                 assert statuses.pop("d1") == ("delivered", 1), "the old holder's ack wrote nothing"
                 assert statuses in ({}, {"d2": ("pending", 0)}), "the old holder claimed nothing"
-                assert await fetch(url, "SELECT seq FROM stream_chunks") == []
+                assert await fetch(url, "SELECT seq FROM registry.stream_chunks") == []
                 row = await run_row(url, "run-1")
                 assert (row["status"], row["owner_epoch"]) == ("active", 2)
 
@@ -363,7 +363,7 @@ async def test_resume_owned_runs_twice_in_one_registry_keeps_the_epochs_and_the_
         async with first_run_1.decisions() as inbox:
             second = await registry.resume_owned_runs()
             assert {h.run_id: h.record.owner_epoch for h in second} == {"run-1": 2, "run-2": 1}
-            rows = await fetch(url, "SELECT run_id, owner_epoch FROM runs ORDER BY run_id")
+            rows = await fetch(url, "SELECT run_id, owner_epoch FROM registry.runs ORDER BY run_id")
             assert [(row["run_id"], row["owner_epoch"]) for row in rows] == [
                 ("run-1", 2),
                 ("run-2", 1),

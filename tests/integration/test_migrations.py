@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 import registry
@@ -22,26 +23,30 @@ from registry.tables import metadata
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _diff(connection: Connection) -> list[Any]:
+def _diff(connection: Connection, schema: str = "registry") -> list[Any]:
+    # the tables as the migrations see them: their schema alone on the search path
+    connection.execute(text("SELECT set_config('search_path', :path, true)"), {"path": schema})
     context = MigrationContext.configure(
         connection, opts={"compare_type": True, "compare_server_default": True}
     )
     return list(compare_metadata(context, metadata))
 
 
-async def _schema_diff(url: str) -> list[Any]:
+async def _schema_diff(url: str, schema: str = "registry") -> list[Any]:
     engine = create_engine(url, pool_size=1)
     try:
         async with engine.connect() as connection:
-            return await connection.run_sync(_diff)
+            return await connection.run_sync(_diff, schema)
     finally:
         await engine.dispose()
 
 
-async def _tables(url: str) -> set[str]:
+async def _tables(url: str, schema: str = "registry") -> set[str]:
     connection = await asyncpg.connect(asyncpg_dsn(url))
     try:
-        rows = await connection.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        rows = await connection.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = $1", schema
+        )
     finally:
         await connection.close()
     return {row["tablename"] for row in rows}
@@ -118,7 +123,9 @@ async def test_downgrading_outcomes_keeps_every_run_readable(registry_database_u
     await registry.downgrade(registry_database_url, "0006")
     connection = await asyncpg.connect(asyncpg_dsn(registry_database_url))
     try:
-        rows = await connection.fetch("SELECT run_id, status, end_reason FROM runs ORDER BY 1")
+        rows = await connection.fetch(
+            "SELECT run_id, status, end_reason FROM registry.runs ORDER BY 1"
+        )
     finally:
         await connection.close()
     assert [tuple(row) for row in rows] == [

@@ -55,7 +55,7 @@ async def _sql(url: str, query: str, *args: Any) -> None:
 
 
 async def _status(url: str, run_id: str) -> str:
-    [row] = await fetch(url, "SELECT status FROM runs WHERE run_id = $1", run_id)
+    [row] = await fetch(url, "SELECT status FROM registry.runs WHERE run_id = $1", run_id)
     return str(row["status"])
 
 
@@ -107,7 +107,7 @@ async def test_the_sweep_spares_a_cancelled_run_whose_owner_may_still_renew(
         # and an owner silent for longer than lease plus grace
         await _sql(
             url,
-            "UPDATE runs SET lease_expires_at = now() - make_interval(secs => CASE run_id"
+            "UPDATE registry.runs SET lease_expires_at = now() - make_interval(secs => CASE run_id"
             " WHEN 'run-late' THEN 1 ELSE 30 END)",
         )
         assert await sweeper.sweep_cancelled_orphans() == ["run-gone"]
@@ -132,7 +132,7 @@ async def test_the_heartbeat_finishes_cancelled_orphans_without_a_sweep_call(
         await dead.register("run-orphan", "agent", "thread-orphan")
         assert await dead.cancel_active_run_by_id("run-orphan")
     # the owner died long ago: its lease expired more than a lease plus the grace ago
-    await _sql(url, "UPDATE runs SET lease_expires_at = now() - interval '60 seconds'")
+    await _sql(url, "UPDATE registry.runs SET lease_expires_at = now() - interval '60 seconds'")
     keeper = RegistrySettings(lease_seconds=1.0, heartbeat_interval=0.1, safety_interval=60)
     async with await RunRegistry.connect(url, worker_id="keeper", settings=keeper) as alive:
         await alive.register("run-mine", "agent", "thread-mine")  # starts its heartbeat
@@ -385,8 +385,10 @@ async def test_runs_cancelled_while_nobody_watched_come_back_with_tripped_tokens
     async with await RunRegistry.connect(url, worker_id="steerer") as steerer:
         for name in ("resumed-by-call", "adopted-by-call"):
             assert await steerer.cancel_active_run_by_id(name)
-    await _sql(url, "UPDATE runs SET cancel_requested_at = now() WHERE run_id LIKE '%-by-sql'")
-    await _sql(url, "UPDATE runs SET lease_expires_at = now() - interval '1 second'")
+    await _sql(
+        url, "UPDATE registry.runs SET cancel_requested_at = now() WHERE run_id LIKE '%-by-sql'"
+    )
+    await _sql(url, "UPDATE registry.runs SET lease_expires_at = now() - interval '1 second'")
 
     async with (
         await RunRegistry.connect(url, worker_id="w1", settings=QUIET) as again,
@@ -481,7 +483,8 @@ async def test_a_decision_acked_while_another_inbox_claims_is_not_delivered_agai
             async with _racing() as race:
                 async with admin.transaction():
                     await admin.execute(
-                        "SELECT 1 FROM decisions WHERE id = $1 FOR UPDATE", delivery.delivery_id
+                        "SELECT 1 FROM registry.decisions WHERE id = $1 FOR UPDATE",
+                        delivery.delivery_id,
                     )
                     acking = race(first.ack(delivery))
                     await _until(lambda: _waiting_for(url, 1), "the ack waits for the row")
@@ -493,7 +496,9 @@ async def test_a_decision_acked_while_another_inbox_claims_is_not_delivered_agai
             assert claimed.decision.decision_id == "d2", (
                 f"decision {claimed.decision.decision_id} was delivered again after its ack"
             )
-        rows = await fetch(url, "SELECT decision_id, status, attempts FROM decisions ORDER BY id")
+        rows = await fetch(
+            url, "SELECT decision_id, status, attempts FROM registry.decisions ORDER BY id"
+        )
         assert [(row["decision_id"], row["status"], row["attempts"]) for row in rows] == [
             ("d1", "acked", 1),
             ("d2", "delivered", 1),
@@ -541,7 +546,7 @@ async def test_a_token_refresh_applies_the_row_and_leaves_an_active_run_open(
         handle = await runs.register("run-1", "agent-a", "thread-1")
         token = handle.cancellation_token()
         assert not await token.refresh()
-        await _sql(registry_database_url, "UPDATE runs SET cancel_requested_at = now()")
+        await _sql(registry_database_url, "UPDATE registry.runs SET cancel_requested_at = now()")
         assert not token.is_cancelled()  # nothing told it: no listener, no re-check yet
         assert await token.refresh()
         # cancelled is not ended: the run's inbox still waits for decisions

@@ -134,7 +134,7 @@ async def test_a_queued_run_whose_process_died_is_promoted_then_adopted(
     assert record.status is RunStatus.ACTIVE  # promoted, with a lease its owner never renews
     await fetch(
         registry_database_url,
-        "UPDATE runs SET lease_expires_at = now() - interval '1 second' WHERE run_id = $1",
+        "UPDATE registry.runs SET lease_expires_at = now() - interval '1 second' WHERE run_id = $1",
         "run-2",
     )
     [adopted] = await run_registry.adopt_orphaned_runs()

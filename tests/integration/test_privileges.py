@@ -35,9 +35,9 @@ async def test_registry_works_under_the_minimal_role(registry_database_url: str)
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await app.execute("CREATE TABLE intruder (id int)")
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                await app.execute("ALTER TABLE runs ADD COLUMN intruder int")
+                await app.execute("ALTER TABLE registry.runs ADD COLUMN intruder int")
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                await app.execute("DELETE FROM decisions")
+                await app.execute("DELETE FROM registry.decisions")
         finally:
             await app.close()
     finally:

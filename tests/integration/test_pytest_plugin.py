@@ -57,7 +57,7 @@ async def test_own_engine(registry_database):
     engine = create_async_engine(registry_database.sqlalchemy_url)
     try:
         async with engine.connect() as connection:
-            runs = await connection.execute(text("SELECT count(*) FROM runs"))
+            runs = await connection.execute(text("SELECT count(*) FROM registry.runs"))
             assert runs.scalar() == 0
     finally:
         await engine.dispose()

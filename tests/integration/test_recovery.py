@@ -26,7 +26,8 @@ async def _expire_leases(url: str, worker_id: str, seconds_ago: float = 1) -> No
     """What a dead worker leaves behind: leases nobody renews."""
     await _sql(
         url,
-        "UPDATE runs SET lease_expires_at = now() - make_interval(secs => $2) WHERE owner_id = $1",
+        "UPDATE registry.runs SET lease_expires_at = now() - make_interval(secs => $2)"
+        " WHERE owner_id = $1",
         worker_id,
         seconds_ago,
     )
@@ -48,7 +49,7 @@ async def test_resume_owned_runs_continues_a_workers_runs(registry_database_url:
             resumed = await again.resume_owned_runs()
             assert [handle.run_id for handle in resumed] == ["run-0", "run-2"]
     rows = await _sql(
-        registry_database_url, "SELECT run_id FROM runs WHERE lease_expires_at > now()"
+        registry_database_url, "SELECT run_id FROM registry.runs WHERE lease_expires_at > now()"
     )
     assert rows == [], "closing released every lease"
 
@@ -56,10 +57,12 @@ async def test_resume_owned_runs_continues_a_workers_runs(registry_database_url:
 async def test_heartbeat_renews_leases(registry_database_url: str) -> None:
     async with await RunRegistry.connect(registry_database_url, settings=SHORT) as runs:
         await runs.register("run-1", "agent", "thread-1")
-        [before] = await _sql(registry_database_url, "SELECT lease_expires_at FROM runs")
+        [before] = await _sql(registry_database_url, "SELECT lease_expires_at FROM registry.runs")
         async with asyncio.timeout(5):
             while True:
-                [now] = await _sql(registry_database_url, "SELECT lease_expires_at FROM runs")
+                [now] = await _sql(
+                    registry_database_url, "SELECT lease_expires_at FROM registry.runs"
+                )
                 if now["lease_expires_at"] > before["lease_expires_at"]:
                     break
                 await asyncio.sleep(0.05)
@@ -83,7 +86,8 @@ async def test_adopt_takes_expired_runs_once(registry_database_url: str) -> None
         assert adopted == [f"run-{i}" for i in range(5)]
         rows = await _sql(
             registry_database_url,
-            "SELECT count(*) AS n FROM runs WHERE owner_id = 'heir' AND lease_expires_at > now()",
+            "SELECT count(*) AS n FROM registry.runs WHERE owner_id = 'heir'"
+            " AND lease_expires_at > now()",
         )
         assert rows[0]["n"] == 5
         with pytest.raises(InvalidInputError):
@@ -150,7 +154,7 @@ async def test_decision_is_dead_lettered_after_max_attempts(registry_database_ur
             assert delivery.decision.decision_id == "ok"
     rows = await _sql(
         registry_database_url,
-        "SELECT decision_id, status, attempts, drop_reason FROM decisions ORDER BY id",
+        "SELECT decision_id, status, attempts, drop_reason FROM registry.decisions ORDER BY id",
     )
     assert (rows[0]["status"], rows[0]["attempts"]) == ("dropped", 2)
     assert rows[0]["drop_reason"] == "dead-lettered after 2 delivery attempts"
@@ -191,6 +195,6 @@ async def test_sweep_finishes_cancelled_orphans(registry_database_url: str) -> N
             record = await sweeper.run(run_id)
             assert record is not None
             assert record.status is RunStatus(status)
-    rows = await _sql(registry_database_url, "SELECT status, drop_reason FROM decisions")
+    rows = await _sql(registry_database_url, "SELECT status, drop_reason FROM registry.decisions")
     assert rows[0]["status"] == "dropped"
     assert rows[0]["drop_reason"] == "run run-0 cancelled while its owner was gone"

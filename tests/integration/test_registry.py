@@ -44,7 +44,7 @@ async def test_register_records_owner_lease_and_database_timestamps(
     [row] = await _rows(
         registry_database_url,
         "SELECT status, owner_id, lease_expires_at > now() AS leased, created_at <= now() AS past,"
-        " ended_at FROM runs WHERE run_id = $1",
+        " ended_at FROM registry.runs WHERE run_id = $1",
         "run-1",
     )
     assert row["status"] == "active"
@@ -63,7 +63,9 @@ async def test_register_reusing_a_run_id_is_refused_and_changes_nothing(
         # thread-2's active run must not be superseded by a register that fails
         await run_registry.register("run-1", "agent-a", "thread-2")
     assert isinstance(caught.value, ValueError)
-    rows = await _rows(registry_database_url, "SELECT run_id, status FROM runs ORDER BY run_id")
+    rows = await _rows(
+        registry_database_url, "SELECT run_id, status FROM registry.runs ORDER BY run_id"
+    )
     assert [(r["run_id"], r["status"]) for r in rows] == [
         ("run-1", "active"),
         ("run-2", "active"),
@@ -94,7 +96,7 @@ async def test_register_supersedes_and_drops_unacknowledged_decisions(
     assert record.ended_at is not None
     rows = await _rows(
         registry_database_url,
-        "SELECT target_id, status, drop_reason FROM decisions ORDER BY id",
+        "SELECT target_id, status, drop_reason FROM registry.decisions ORDER BY id",
     )
     assert [(r["target_id"], r["status"]) for r in rows] == [("c1", "acked"), ("c2", "dropped")]
     assert rows[1]["drop_reason"] == "run run-a superseded by run run-b"
@@ -151,7 +153,7 @@ async def test_remove_after_cancel_finishes_as_cancelled_and_ends_inbox(
     record = await run_registry.run("run-1")
     assert record is not None
     assert record.status is RunStatus.CANCELLED
-    [row] = await _rows(registry_database_url, "SELECT status, drop_reason FROM decisions")
+    [row] = await _rows(registry_database_url, "SELECT status, drop_reason FROM registry.decisions")
     assert (row["status"], row["drop_reason"]) == ("dropped", "run run-1 ended")
 
 
@@ -185,7 +187,7 @@ async def test_forward_by_thread_with_another_agent_returns_none_and_writes_noth
         await run_registry.forward_decisions_by_thread("agent-a", "thread-2", [decision("c1")])
         is None
     )
-    assert await _rows(registry_database_url, "SELECT 1 FROM decisions") == []
+    assert await _rows(registry_database_url, "SELECT 1 FROM registry.decisions") == []
 
 
 async def test_forward_by_run_id_returns_none_when_not_active(
@@ -195,7 +197,7 @@ async def test_forward_by_run_id_returns_none_when_not_active(
     await run_registry.register("run-1", "agent-a", "thread-1")
     await run_registry.remove_by_run_id("run-1")
     assert await run_registry.forward_decisions_by_run_id("run-1", [decision("c1")]) is None
-    assert await _rows(registry_database_url, "SELECT 1 FROM decisions") == []
+    assert await _rows(registry_database_url, "SELECT 1 FROM registry.decisions") == []
 
 
 async def test_forward_stores_the_audit_fields(
@@ -206,7 +208,7 @@ async def test_forward_stores_the_audit_fields(
         "call-7", {"nested": [1, 2.5, None, "x"]}, "too risky", 1_700_000_000_123, decision_id="d7"
     )
     await run_registry.forward_decisions_by_run_id("run-1", [sent])
-    [row] = await _rows(registry_database_url, "SELECT * FROM decisions")
+    [row] = await _rows(registry_database_url, "SELECT * FROM registry.decisions")
     assert row["run_id"] == "run-1"
     assert row["thread_id"] == "thread-1"
     assert row["agent_id"] == "agent-a"
@@ -230,7 +232,9 @@ async def test_forward_is_idempotent_by_decision_id(
     # a client retrying the same forward, plus a new decision and a duplicate within the batch
     retry = [decision("c1", "d1"), decision("c2", "d2"), decision("c4", "d4"), decision("c5", "d4")]
     assert await run_registry.forward_decisions_by_run_id("run-1", retry) is not None
-    rows = await _rows(registry_database_url, "SELECT target_id FROM decisions ORDER BY id")
+    rows = await _rows(
+        registry_database_url, "SELECT target_id FROM registry.decisions ORDER BY id"
+    )
     assert [r["target_id"] for r in rows] == ["c1", "c2", "c3", "c4"]
     async with handle.decisions() as inbox:
         targets = [(await asyncio.wait_for(anext(inbox), 5)).decision.target_id for _ in rows]
@@ -243,7 +247,7 @@ async def test_empty_forward_is_accepted_and_writes_nothing(
     await run_registry.register("run-1", "agent-a", "thread-1")
     forwarded = await run_registry.forward_decisions_by_run_id("run-1", [])
     assert forwarded == ForwardedDecision("thread-1", "run-1")
-    assert await _rows(registry_database_url, "SELECT 1 FROM decisions") == []
+    assert await _rows(registry_database_url, "SELECT 1 FROM registry.decisions") == []
 
 
 async def test_forward_accepts_mappings_in_the_seed_shape(run_registry: RunRegistry) -> None:
@@ -283,9 +287,9 @@ async def test_cancel_keeps_the_first_request_time(
 ) -> None:
     await run_registry.register("run-1", "agent-a", "thread-1")
     await run_registry.cancel_active_run_by_id("run-1")
-    [first] = await _rows(registry_database_url, "SELECT cancel_requested_at FROM runs")
+    [first] = await _rows(registry_database_url, "SELECT cancel_requested_at FROM registry.runs")
     await run_registry.cancel_active_run_by_id("run-1")
-    [second] = await _rows(registry_database_url, "SELECT cancel_requested_at FROM runs")
+    [second] = await _rows(registry_database_url, "SELECT cancel_requested_at FROM registry.runs")
     assert first["cancel_requested_at"] == second["cancel_requested_at"]
 
 
@@ -327,7 +331,8 @@ async def test_unacked_decision_is_redelivered_to_the_next_inbox(
         assert await reopened.ack(again)
     rows = await _rows(
         registry_database_url,
-        "SELECT status, attempts, acked_at IS NOT NULL AS acked FROM decisions ORDER BY id",
+        "SELECT status, attempts, acked_at IS NOT NULL AS acked"
+        " FROM registry.decisions ORDER BY id",
     )
     assert [(r["status"], r["attempts"], r["acked"]) for r in rows] == [
         ("acked", 1, True),
@@ -425,9 +430,9 @@ async def test_another_agent_cannot_read_forward_to_or_cancel_through_by_thread_
         is None
     )
     assert await run_registry.cancel_active_run_by_thread("thread-1", agent_id="agent-b") is None
-    [row] = await _rows(registry_database_url, "SELECT cancel_requested_at FROM runs")
+    [row] = await _rows(registry_database_url, "SELECT cancel_requested_at FROM registry.runs")
     assert row["cancel_requested_at"] is None, "nothing was written"
-    assert await _rows(registry_database_url, "SELECT 1 FROM decisions") == []
+    assert await _rows(registry_database_url, "SELECT 1 FROM registry.decisions") == []
     # the owner can do all of it
     owned = await run_registry.handle_by_thread("thread-1", agent_id="agent-a")
     assert owned is not None

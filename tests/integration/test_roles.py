@@ -40,8 +40,8 @@ async def roles(registry_database_url: str) -> AsyncIterator[dict[str, str]]:
         for statement in application_grants(app, database):
             await admin.execute(statement)
         await admin.execute(f'GRANT CONNECT ON DATABASE "{database}" TO {auditor}')
-        await admin.execute(f"GRANT USAGE ON SCHEMA public TO {auditor}")
-        await admin.execute(f"GRANT SELECT ON decision_audit TO {auditor}")
+        await admin.execute(f"GRANT USAGE ON SCHEMA registry TO {auditor}")
+        await admin.execute(f"GRANT SELECT ON registry.decision_audit TO {auditor}")
         settings = RegistrySettings(safety_interval=60)
         async with await RunRegistry.connect(urls["app"], settings=settings) as runs:
             handle = await runs.register("run-1", "agent", "thread-1")
@@ -72,13 +72,14 @@ async def _execute(url: str, statement: str) -> None:
 @pytest.mark.parametrize(
     "statement",
     [
-        "UPDATE decisions SET result = '{\"approved\": false}' WHERE decision_id = 'd1'",
-        "UPDATE decisions SET reason = 'rewritten' WHERE decision_id = 'd1'",
-        "UPDATE decisions SET received_at = now() - interval '1 day' WHERE decision_id = 'd1'",
-        "UPDATE decisions SET target_id = 'other' WHERE decision_id = 'd1'",
-        "UPDATE runs SET agent_id = 'intruder' WHERE run_id = 'run-1'",
-        "DELETE FROM decisions",
-        "DELETE FROM runs",
+        "UPDATE registry.decisions SET result = '{\"approved\": false}' WHERE decision_id = 'd1'",
+        "UPDATE registry.decisions SET reason = 'rewritten' WHERE decision_id = 'd1'",
+        "UPDATE registry.decisions SET received_at = now() - interval '1 day'"
+        " WHERE decision_id = 'd1'",
+        "UPDATE registry.decisions SET target_id = 'other' WHERE decision_id = 'd1'",
+        "UPDATE registry.runs SET agent_id = 'intruder' WHERE run_id = 'run-1'",
+        "DELETE FROM registry.decisions",
+        "DELETE FROM registry.runs",
     ],
 )
 async def test_the_application_role_cannot_rewrite_what_was_received(
@@ -92,10 +93,10 @@ async def test_the_application_role_cannot_rewrite_what_was_received(
 @pytest.mark.parametrize(
     ("statement", "message"),
     [
-        ("UPDATE decisions SET status = 'pending' WHERE decision_id = 'd1'", "final"),
-        ("UPDATE decisions SET status = 'dropped' WHERE decision_id = 'd1'", "final"),
-        ("UPDATE decisions SET acked_at = now() WHERE decision_id = 'd1'", "final"),
-        ("UPDATE decisions SET status = 'pending' WHERE decision_id = 'd2'", "pending"),
+        ("UPDATE registry.decisions SET status = 'pending' WHERE decision_id = 'd1'", "final"),
+        ("UPDATE registry.decisions SET status = 'dropped' WHERE decision_id = 'd1'", "final"),
+        ("UPDATE registry.decisions SET acked_at = now() WHERE decision_id = 'd1'", "final"),
+        ("UPDATE registry.decisions SET status = 'pending' WHERE decision_id = 'd2'", "pending"),
     ],
 )
 async def test_no_role_reopens_or_alters_a_decision_once_decided(
@@ -109,13 +110,15 @@ async def test_even_the_owner_cannot_change_what_a_decision_received(
     roles: dict[str, str],
 ) -> None:
     with pytest.raises(asyncpg.IntegrityConstraintViolationError, match="immutable"):
-        await _execute(roles["owner"], "UPDATE decisions SET result = 'null' WHERE true")
+        await _execute(roles["owner"], "UPDATE registry.decisions SET result = 'null' WHERE true")
 
 
 async def test_the_auditor_reads_the_audit_view_and_nothing_else(roles: dict[str, str]) -> None:
     connection = await asyncpg.connect(asyncpg_dsn(roles["auditor"]))
     try:
-        rows = await connection.fetch("SELECT decision_id, status FROM decision_audit ORDER BY id")
+        rows = await connection.fetch(
+            "SELECT decision_id, status FROM registry.decision_audit ORDER BY id"
+        )
         # the inbox claimed both and acknowledged one
         assert [(row["decision_id"], row["status"]) for row in rows] == [
             ("d1", "acked"),
@@ -123,9 +126,9 @@ async def test_the_auditor_reads_the_audit_view_and_nothing_else(roles: dict[str
         ]
         for table in ("runs", "decisions", "stream_chunks", "notification_secrets"):
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                await connection.fetch(f"SELECT 1 FROM {table} LIMIT 1")
+                await connection.fetch(f"SELECT 1 FROM registry.{table} LIMIT 1")
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await connection.execute("UPDATE decisions SET status = 'acked'")
+            await connection.execute("UPDATE registry.decisions SET status = 'acked'")
     finally:
         await connection.close()
 

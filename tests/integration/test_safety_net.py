@@ -26,9 +26,9 @@ async def _execute(url: str, query: str, *args: object) -> None:
 async def _insert_decision_without_notify(url: str, run_id: str, target: str) -> None:
     await _execute(
         url,
-        "INSERT INTO decisions (run_id, thread_id, agent_id, target_id, action,"
+        "INSERT INTO registry.decisions (run_id, thread_id, agent_id, target_id, action,"
         " decision_updated_at) SELECT run_id, thread_id, agent_id, $2, 'resume', 0"
-        " FROM runs WHERE run_id = $1",
+        " FROM registry.runs WHERE run_id = $1",
         run_id,
         target,
     )
@@ -54,7 +54,7 @@ async def test_lost_cancel_notification_is_caught_by_the_recheck(
         token = handle.cancellation_token()
         await _execute(
             registry_database_url,
-            "UPDATE runs SET cancel_requested_at = now() WHERE run_id = $1",
+            "UPDATE registry.runs SET cancel_requested_at = now() WHERE run_id = $1",
             "run-1",
         )
         await asyncio.wait_for(token.wait(), 5)
@@ -70,7 +70,8 @@ async def test_lost_supersede_notification_still_ends_the_inbox(
             waiting = asyncio.create_task(anext(inbox))
             await _execute(
                 registry_database_url,
-                "UPDATE runs SET status = 'superseded', ended_at = now() WHERE run_id = $1",
+                "UPDATE registry.runs SET status = 'superseded', ended_at = now()"
+                " WHERE run_id = $1",
                 "run-1",
             )
             with pytest.raises(StopAsyncIteration):
@@ -105,7 +106,7 @@ async def test_cancel_while_listener_is_down_trips_after_reconnect(
         # with a 60 s safety interval only the re-read after reconnecting can see it
         await _execute(
             registry_database_url,
-            "UPDATE runs SET cancel_requested_at = now() WHERE run_id = $1",
+            "UPDATE registry.runs SET cancel_requested_at = now() WHERE run_id = $1",
             "run-1",
         )
         assert not token.is_cancelled()
@@ -184,7 +185,7 @@ async def test_the_recheck_answers_only_for_what_changed(
         quiet = len(answered)
         await _execute(
             registry_database_url,
-            "UPDATE runs SET cancel_requested_at = now() WHERE run_id = $1",
+            "UPDATE registry.runs SET cancel_requested_at = now() WHERE run_id = $1",
             "run-7",
         )
         await asyncio.wait_for(tokens[7].wait(), 5)

@@ -265,7 +265,7 @@ async def test_close_gives_up_on_a_lease_release_the_server_does_not_answer(
     locker = await asyncpg.connect(asyncpg_dsn(registry_database_url))
     try:
         async with locker.transaction():
-            await locker.execute("SELECT 1 FROM runs WHERE run_id = 'run-1' FOR UPDATE")
+            await locker.execute("SELECT 1 FROM registry.runs WHERE run_id = 'run-1' FOR UPDATE")
             loop = asyncio.get_running_loop()
             started = loop.time()
             await asyncio.wait_for(registry.close(), 5)

@@ -236,7 +236,7 @@ async def test_prune_deletes_only_ended_streams(
     assert (await asyncio.wait_for(anext(live), 5)).data == b"keep"
     connection = await asyncpg.connect(asyncpg_dsn(registry_database_url))
     try:
-        assert await connection.fetchval("SELECT count(*) FROM decisions") == 1
+        assert await connection.fetchval("SELECT count(*) FROM registry.decisions") == 1
     finally:
         await connection.close()
     with pytest.raises(InvalidInputError):
@@ -270,7 +270,7 @@ async def test_prune_works_through_a_backlog_in_batches(
     assert batches == [4, 4, 2], "three transactions; the short one was the last"
     connection = await asyncpg.connect(asyncpg_dsn(registry_database_url))
     try:
-        left = await connection.fetch("SELECT run_id FROM stream_chunks")
+        left = await connection.fetch("SELECT run_id FROM registry.stream_chunks")
     finally:
         await connection.close()
     assert [row["run_id"] for row in left] == ["run-live"]
@@ -293,8 +293,8 @@ async def test_chunks_missed_while_listener_was_down_are_replayed(
         try:
             # chunks whose notification is never sent, as if published while it was down
             await connection.execute(
-                "WITH a AS (UPDATE runs SET stream_seq = stream_seq + 3 WHERE run_id = $1"
-                " RETURNING stream_seq) INSERT INTO stream_chunks (run_id, seq, data)"
+                "WITH a AS (UPDATE registry.runs SET stream_seq = stream_seq + 3 WHERE run_id = $1"
+                " RETURNING stream_seq) INSERT INTO registry.stream_chunks (run_id, seq, data)"
                 " SELECT $1, a.stream_seq - 3 + g, 'x'::bytea FROM a, generate_series(1, 3) g",
                 "run-1",
             )
