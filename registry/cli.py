@@ -282,6 +282,8 @@ def runs_command(
     """
     if watching and as_json:
         raise click.UsageError("--watch draws a table, not --json")
+    if count is not None and not watching:
+        raise click.UsageError("--count goes with --watch")
 
     async def read(registry: RunRegistry) -> list[RunRecord]:
         return await registry.list_runs(

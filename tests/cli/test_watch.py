@@ -60,3 +60,5 @@ async def test_watch_refuses_a_bad_interval(registry_database_url: str) -> None:
         assert_error(result, 2, "--interval")
     both = await registry("runs", "--watch", "--json", *url)
     assert_error(both, 2, "--watch")
+    alone = await registry("runs", "--count", "2", *url)
+    assert_error(alone, 2, "--count goes with --watch")
