@@ -14,15 +14,17 @@ connecting) is in :mod:`registry.cli_base`, what they print is built in
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 
 import click
 from alembic import command as alembic_command
 from click.exceptions import NoArgsIsHelpError
+from rich.console import RenderableType
 
 from registry import demo
 from registry.cli_base import (
@@ -55,7 +57,13 @@ from registry.cli_base import (
     silence_stdout,
     unusable_argument,
 )
-from registry.cli_ops import alembic_ini_command, check_command, doctor_command
+from registry.cli_ops import (
+    MAX_WATCH_INTERVAL,
+    alembic_ini_command,
+    check_command,
+    doctor_command,
+    watch,
+)
 from registry.cli_streams import prune_command, tail_command
 from registry.console import (
     audit_table,
@@ -85,7 +93,8 @@ from registry.locate import (
     embedded_data_dir,
     ensure_embedded,
 )
-from registry.models import RunStatus
+from registry.models import RunRecord, RunStatus
+from registry.registry import RunRegistry
 from registry.schema import alembic_config, check_revision, migrate
 from registry.urls import schema_of
 
@@ -244,29 +253,71 @@ async def status_command(database_url: str | None, as_json: bool) -> int:
     "--status", type=click.Choice([status.value for status in RunStatus]), help="Only this status."
 )
 @click.option("--limit", type=count_range(1), default=50, show_default=True, help="At most N runs.")
+@click.option("--watch", "watching", is_flag=True, help="Redraw the table until Ctrl-C.")
+@click.option(
+    "--interval",
+    type=FiniteFloatRange(min=0, min_open=True, max=MAX_WATCH_INTERVAL),
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds between redraws with --watch.",
+)
+@click.option("--count", type=count_range(1), metavar="N", help="With --watch, stop after N draws.")
 @json_option
-@async_command
-async def runs_command(
+def runs_command(
     database_url: str | None,
     thread_id: str | None,
     agent_id: str | None,
     status: str | None,
     limit: int,
+    watching: bool,
+    interval: float,
+    count: int | None,
     as_json: bool,
-) -> None:
-    """List runs, newest first: active ones and history."""
-    location = await locate(database_url)
-    async with connected_registry(location) as registry:
-        records = await registry.list_runs(
+) -> int:
+    """List runs, newest first: active ones and history.
+
+    With --watch, read and redraw them every --interval seconds until Ctrl-C (exit 0); on a
+    terminal each draw replaces the last, elsewhere draws are separated by a blank line.
+    """
+    if watching and as_json:
+        raise click.UsageError("--watch draws a table, not --json")
+    if count is not None and not watching:
+        raise click.UsageError("--count goes with --watch")
+
+    async def read(registry: RunRegistry) -> list[RunRecord]:
+        return await registry.list_runs(
             thread_id=thread_id,
             agent_id=agent_id,
             status=None if status is None else RunStatus(status),
             limit=limit,
         )
+
+    async def table(registry: RunRegistry) -> RenderableType:
+        return _runs_view(await read(registry))
+
+    if watching:
+        return watch(database_url, table, interval=interval, count=count)
+    return asyncio.run(_print_runs(database_url, read, as_json))
+
+
+async def _print_runs(
+    database_url: str | None,
+    read: Callable[[RunRegistry], Awaitable[list[RunRecord]]],
+    as_json: bool,
+) -> int:
+    location = await locate(database_url)
+    async with connected_registry(location) as registry:
+        records = await read(registry)
     if as_json:
         print_json([run_json(record) for record in records])
-        return
-    output_console().print(runs_table(records) if records else "no runs match")
+    else:
+        output_console().print(_runs_view(records))
+    return EXIT_OK
+
+
+def _runs_view(records: list[RunRecord]) -> RenderableType:
+    return runs_table(records) if records else "no runs match"
 
 
 @cli.group("run")

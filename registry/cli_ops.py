@@ -1,6 +1,6 @@
 """The ``registry`` commands for operators and deployments: ``check`` (a health probe),
 ``doctor`` (state left stranded) and ``alembic-ini`` (what the ``alembic`` command needs to
-run the packaged migrations).
+run the packaged migrations), and :func:`watch`, the loop behind ``runs --watch``.
 
 :mod:`registry.cli` adds them to its group; what they share with the other commands (options,
 exit codes, finding the database) comes from :mod:`registry.cli_base`.
@@ -8,11 +8,14 @@ exit codes, finding the database) comes from :mod:`registry.cli_base`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
 import click
+from rich.console import RenderableType
 
 from registry.cli_base import (
     EXIT_FAILED,
@@ -20,17 +23,66 @@ from registry.cli_base import (
     MAX_CONNECT_TIMEOUT,
     FiniteFloatRange,
     async_command,
+    connected_registry,
     database_option,
     json_option,
     locate,
     options,
     parsed_by,
 )
-from registry.console import format_duration, parse_duration, print_json, printable
+from registry.console import (
+    format_duration,
+    output_console,
+    parse_duration,
+    print_json,
+    printable,
+)
 from registry.distribution import DISTRIBUTION, installed_version
 from registry.doctor import Finding, Thresholds, diagnose
 from registry.health import check_health
+from registry.registry import RunRegistry
 from registry.schema import migrations_directory
+
+#: what a terminal is sent before each frame: cursor home, then erase the screen
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+#: the longest ``--interval`` of a watch, in seconds (a day)
+MAX_WATCH_INTERVAL = 86400.0
+
+#: reads one frame of a watch through the command's registry
+Frame = Callable[[RunRegistry], Awaitable[RenderableType]]
+
+
+def watch(database_url: str | None, frame: Frame, *, interval: float, count: int | None) -> int:
+    """Draw ``frame`` every ``interval`` seconds until Ctrl-C, or ``count`` frames: exit 0.
+
+    One registry (one pool) serves every frame. On a terminal the screen is cleared before each
+    frame; elsewhere (a pipe, a file) frames follow each other separated by a blank line, with
+    no escape codes. Errors end the watch as they would end the one-shot command.
+    """
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: how a watch is meant to end
+        asyncio.run(_redraw(database_url, frame, interval, count))
+    return EXIT_OK
+
+
+async def _redraw(
+    database_url: str | None, frame: Frame, interval: float, count: int | None
+) -> None:
+    location = await locate(database_url)
+    console = output_console()
+    drawn = 0
+    async with connected_registry(location) as registry:
+        while True:
+            renderable = await frame(registry)
+            if console.is_terminal:
+                console.file.write(CLEAR_SCREEN)
+            elif drawn:
+                console.print()
+            console.print(renderable)
+            console.file.flush()
+            drawn += 1
+            if count is not None and drawn >= count:
+                return
+            await asyncio.sleep(interval)
 
 
 @click.command("check")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,17 @@ async def start(*args: str, env: Mapping[str, str] | None = None) -> asyncio.sub
         stderr=asyncio.subprocess.PIPE,
         env=environment(env),
     )
+
+
+@contextlib.asynccontextmanager
+async def killed_unless_done(process: asyncio.subprocess.Process) -> AsyncIterator[None]:
+    """Kill and reap ``process`` when the block exits before it ended (a failed check)."""
+    try:
+        yield
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.communicate()
 
 
 async def registry(

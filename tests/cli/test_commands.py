@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import csv
 import io
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from registry import RunRegistry, RunStatus, ToolCallDecision, downgrade, repository
 from registry.database import admin_connection
 from registry.schema import head_revision
-from tests.cli.runner import assert_error, registry, start
+from tests.cli.runner import assert_error, killed_unless_done, registry, start
 
 WAKE_DEADLINE = 10.0
 
@@ -23,17 +21,6 @@ async def decisions_of(url: str, run_id: str) -> list[dict[str, Any]]:
     """The run's decision rows, read directly."""
     async with admin_connection(url) as connection:
         return await repository.decisions_of_run(connection, run_id)
-
-
-@contextlib.asynccontextmanager
-async def killed_unless_done(process: asyncio.subprocess.Process) -> AsyncIterator[None]:
-    """Kill and reap ``process`` when the block exits before it ended (a failed check)."""
-    try:
-        yield
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.communicate()
 
 
 def decision(target_id: str, decision_id: str = "", action: str = "resume") -> dict[str, object]:
