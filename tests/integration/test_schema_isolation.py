@@ -26,6 +26,11 @@ from tests.helpers.database import fetch
 APP_RUNS = "CREATE TABLE public.runs (id serial PRIMARY KEY, app_payload text NOT NULL)"
 
 
+def with_schema(url: str, schema: str) -> str:
+    """``url`` with a ``schema`` parameter (a URL to a Unix socket already has a query)."""
+    return f"{url}{'&' if '?' in url else '?'}schema={schema}"
+
+
 async def _schemas(url: str) -> set[str]:
     rows = await fetch(
         url, "SELECT nspname FROM pg_namespace WHERE nspname !~ '^(pg_|information_schema)'"
@@ -129,7 +134,7 @@ async def test_a_foreign_revision_in_our_version_table_is_one_line(app_url: str)
     # pointed at the application's own version table, migrate refuses without a traceback
     with pytest.raises(SchemaNotReadyError, match="app0001"):
         await registry.migrate(app_url, schema="public")
-    result = await registry_command("migrate", "--database-url", f"{app_url}?schema=public")
+    result = await registry_command("migrate", "--database-url", with_schema(app_url, "public"))
     assert_error(result, 1, "app0001")
     await _app_untouched(app_url)
 
@@ -176,11 +181,11 @@ async def test_a_schema_set_by_setting(empty_url: str) -> None:
     with pytest.raises(SchemaNotReadyError):
         await RunRegistry.connect(empty_url)
     with pytest.raises(InvalidInputError, match="schema"):
-        await RunRegistry.connect(f"{empty_url}?schema=tenant_b", settings=settings)
+        await RunRegistry.connect(with_schema(empty_url, "tenant_b"), settings=settings)
 
 
 async def test_a_schema_set_by_url_parameter(empty_url: str) -> None:
-    url = f"{empty_url}?schema=select"  # a reserved word: quoted everywhere
+    url = with_schema(empty_url, "select")  # a reserved word: quoted everywhere
     await registry.migrate(url)
     await _exercise(url)
     assert await current_revision(url) == head_revision()
@@ -207,14 +212,14 @@ async def test_a_bad_schema_in_the_url_or_environment(
 ) -> None:
     before = await _schemas(empty_url)
     with pytest.raises(InvalidInputError) as caught:
-        await registry.migrate(f"{empty_url}?schema=No%20Way")
+        await registry.migrate(with_schema(empty_url, "No%20Way"))
     assert caught.value.field == "schema"
     monkeypatch.setenv("REGISTRY_SCHEMA", "No-Way")
     with pytest.raises(InvalidInputError) as caught:
         await registry.migrate(empty_url)
     assert caught.value.field == "schema"
     assert await _schemas(empty_url) == before
-    result = await registry_command("migrate", "--database-url", f"{empty_url}?schema=Bad")
+    result = await registry_command("migrate", "--database-url", with_schema(empty_url, "Bad"))
     assert_error(result, 2, "schema")
     assert await _schemas(empty_url) == before
 
