@@ -25,7 +25,7 @@ import asyncpg
 from sqlalchemy.engine import make_url
 
 from registry import migrate, repository
-from registry.database import admin_connection, asyncpg_dsn
+from registry.database import DEFAULT_SCHEMA, admin_connection, asyncpg_dsn
 from registry.embedded import start_embedded
 
 #: how long a child may take to answer a line
@@ -165,6 +165,13 @@ async def benchmark_database(server_url: str) -> AsyncIterator[BenchDatabase]:
         await repository.create_database(connection, name)
     try:
         await migrate(url)
+        async with admin_connection(server_url) as connection:
+            # the raw baselines and counters name the registry's tables unqualified: let new
+            # sessions of this database find them in the registry's schema (our own name,
+            # made above: nothing from outside goes into the statement)
+            await connection.execute(
+                f'ALTER DATABASE "{name}" SET search_path = "{DEFAULT_SCHEMA}", public'
+            )
         yield BenchDatabase(url, name, version_num)
     finally:
         async with admin_connection(server_url) as connection:
